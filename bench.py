@@ -1,0 +1,109 @@
+"""Speed measurements that print numbers (not tests):
+
+    python bench.py scoring [--arch FILE] [--img-size 224] [--depth 12]  # encode 100 images vs score 10,000 pairs
+    python bench.py data --data DIR [--size 112]                         # cache + device augmentation vs DataLoader
+
+Training-step figures come from `python train.py --cfg FILE --benchmark`.
+"""
+import argparse
+import os
+import time
+
+import torch
+
+import data
+from model import Encoding, TwinVerifier, ViT, ViTConfig, load_vit
+
+
+def scoring(args):
+    """Encoding runs every block on every token; a pair costs two prompt rows through the last block."""
+    torch.manual_seed(0)
+    if args.arch:
+        vit = load_vit(args.arch, args.img_size)
+    else:  # a ViT-S/14-shaped backbone with random weights: the cost is the architecture's, not the weights'
+        vit = ViT(ViTConfig(embed_dim=384, depth=args.depth, patch_size=14, num_registers=4, layerscale=True,
+                            img_size=args.img_size))
+        vit.fingerprint = "random"
+    model = TwinVerifier(vit, num_classes=10).eval()
+    images = torch.randn(100, 3, args.img_size, args.img_size)
+    a, b = torch.triu_indices(100, 100, 1)
+    pick = torch.randperm(len(a), generator=torch.Generator().manual_seed(0))[:10_000]
+    with torch.no_grad():
+        model.encode(images[:8])  # warm-up
+        t0 = time.perf_counter()
+        enc = Encoding.cat([model.encode(images[i:i + 25]) for i in range(0, 100, 25)])
+        t1 = time.perf_counter()
+        model.score_pairs(enc, a[pick], b[pick])
+        t2 = time.perf_counter()
+    cfg = vit.cfg
+    print(f"backbone D={cfg.embed_dim} depth={cfg.depth} patch={cfg.patch_size} at {cfg.img_size}px "
+          f"({vit.grid ** 2} patches), CPU, {torch.get_num_threads()} threads")
+    print(f"  encode 100 images:          {t1 - t0:7.3f} s")
+    print(f"  score 10,000 pairs (cache): {t2 - t1:7.3f} s  = {100 * (t2 - t1) / (t1 - t0):.1f}% of encoding")
+
+
+def data_loading(args):
+    """Images/s of cache indexing + device augmentation against decoding JPEGs in a DataLoader."""
+    split = data.load_split(os.path.join(args.data, "train_info.json"), os.path.join(args.data, "train_pairs.json"))
+    cache = data.build_cache(split.paths, args.size, os.path.join(args.data, "cache"), verbose=False)
+    gen = torch.Generator().manual_seed(0)
+    order = torch.randperm(len(cache), generator=gen)
+    bs = args.batch_size
+
+    def from_cache():
+        for i in range(args.batches):
+            data.augment(cache[order[(i * bs) % (len(cache) - bs):][:bs]], gen)
+
+    class Decoding(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(split.paths)
+
+        def __getitem__(self, i):
+            return data.load_image(split.paths[i], args.size)
+
+    loader = torch.utils.data.DataLoader(Decoding(), batch_size=bs, shuffle=True, num_workers=os.cpu_count(),
+                                         persistent_workers=True, drop_last=True)
+
+    def from_loader():
+        done = 0
+        while done < args.batches:
+            for batch in loader:
+                data.augment(batch, gen)
+                done += 1
+                if done == args.batches:
+                    break
+
+    results = {}
+    for name, run in (("cache + device augmentation", from_cache), ("PIL-decoding DataLoader + same augmentation",
+                                                                    from_loader)):
+        run()  # warm-up: worker start, allocator
+        t = time.perf_counter()
+        run()
+        results[name] = args.batches * bs / (time.perf_counter() - t)
+        print(f"{name:45s} {results[name]:8.0f} images/s")
+    first, second = results.values()
+    print(f"ratio {first / second:.1f}x ({args.size}px, batch {bs}, {os.cpu_count()} CPU cores, "
+          f"{torch.get_num_threads()} torch threads, {os.cpu_count()} loader workers)")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("scoring")
+    s.add_argument("--arch", help="a backbone checkpoint; default: a ViT-S/14-shaped random backbone")
+    s.add_argument("--img-size", type=int, default=224)
+    s.add_argument("--depth", type=int, default=12)
+    d = sub.add_parser("data")
+    d.add_argument("--data", required=True, help="a folder made by `python data.py synth`")
+    d.add_argument("--size", type=int, default=112)
+    d.add_argument("--batch-size", type=int, default=64)
+    d.add_argument("--batches", type=int, default=20)
+    args = ap.parse_args()
+    if args.command == "scoring":
+        scoring(args)
+    else:
+        data_loading(args)
+
+
+if __name__ == "__main__":
+    main()

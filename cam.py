@@ -1,0 +1,302 @@
+"""Prompt-CAM explanations: where on both faces the identity prompts found their evidence.
+
+    python cam.py a.jpg b.jpg [--ckpt ckpt/best.pt] [--out pair.png]
+    python cam.py --pairs test --n 16 --out DIR              # a gallery of twin and genuine test pairs
+    python cam.py --faithfulness --n 64                      # deletion/insertion against random orders
+    python cam.py --trait-hits DATA/traits.json --n 64       # synthetic set: do contrast peaks hit the marks?
+
+Maps are the last block's attention of the identity prompts p(A), p(B) over the image patches, per head:
+cross (p(A) on B, p(B) on A), self (p(A) on A, p(B) on B) and contrast (self minus cross on each image).
+Heads are ranked by Prompt-CAM's greedy blur: the head whose map, made uniform, changes the pair score
+least is dropped first; the last ones left matter most.
+"""
+import argparse
+import html
+import json
+import os
+
+import numpy as np
+import torch
+
+import data
+import plots
+from evaluate import GENUINE, TWIN, protocol_pairs
+from model import read_training_checkpoint, verifier_from_checkpoint
+
+
+def load_model(ckpt_path, device):
+    ckpt = read_training_checkpoint(ckpt_path)
+    try:
+        model = verifier_from_checkpoint(ckpt, ckpt_path, ckpt["config"]["weights_dir"] or None)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    return model.to(device).eval(), ckpt
+
+
+def read_image(path, size):
+    """Any JPEG/PNG (grayscale, RGBA, any size) prepared exactly as the training cache prepares it."""
+    try:
+        return data.load_image(path, size)
+    except FileNotFoundError:
+        raise SystemExit(f"{path}: no such image file") from None
+    except Exception as e:
+        raise SystemExit(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
+
+
+@torch.no_grad()
+def encode_pair(model, image_a, image_b, device):
+    enc = model.encode(data.normalize(torch.stack([image_a, image_b]).to(device)))
+    return enc[0], enc[1]
+
+
+@torch.no_grad()
+def rank_heads(model, enc_a, enc_b):
+    """Heads from most to least important by greedy blurring (Prompt-CAM), with the pair score."""
+    H = model.num_heads
+    full, _ = model.pair_maps(enc_a, enc_b)
+    blurred, dropped = torch.zeros(H, dtype=torch.bool), []
+    while len(dropped) < H:
+        change = {}
+        for h in range(H):
+            if not blurred[h]:
+                trial = blurred.clone()
+                trial[h] = True
+                change[h] = abs(model.pair_maps(enc_a, enc_b, trial.to(enc_a.prompt.device))[0] - full)
+        least = min(change, key=change.get)
+        blurred[least] = True
+        dropped.append(least)
+    return dropped[::-1], full
+
+
+@torch.no_grad()
+def explain(model, enc_a, enc_b, top):
+    """Score, ranked heads and maps (heads, grid, grid) as numpy, contrast maps included."""
+    order, score = rank_heads(model, enc_a, enc_b)
+    _, maps = model.pair_maps(enc_a, enc_b)
+    maps = {k: v.float().cpu().numpy() for k, v in maps.items()}
+    maps["contrast_a"] = maps["self_a"] - maps["cross_b_on_a"]
+    maps["contrast_b"] = maps["self_b"] - maps["cross_a_on_b"]
+    return score, order[:top], maps
+
+
+def to_photo(image):
+    return image.permute(1, 2, 0).numpy()
+
+
+def figure(image_a, image_b, name_a, name_b, score, threshold, heads, maps, panel=150):
+    """One row per top head: both photos, cross, self and contrast maps, with colour scales."""
+    from PIL import Image, ImageDraw
+    photo_a, photo_b = to_photo(image_a), to_photo(image_b)
+    columns = [("A", None, photo_a), ("B", None, photo_b),
+               ("p(A) looks on B", "cross_a_on_b", photo_b), ("p(B) looks on A", "cross_b_on_a", photo_a),
+               ("p(A) on A (self)", "self_a", photo_a), ("p(B) on B (self)", "self_b", photo_b),
+               ("contrast on A", "contrast_a", photo_a), ("contrast on B", "contrast_b", photo_b)]
+    rows = []
+    for rank, h in enumerate(heads):
+        attn_max = max(float(maps[k][h].max()) for k in ("cross_a_on_b", "cross_b_on_a", "self_a", "self_b"))
+        contrast_max = max(float(np.abs(maps[k][h]).max()) for k in ("contrast_a", "contrast_b")) or 1e-6
+        tiles = []
+        for title, key, photo in columns:
+            if key is None:
+                tile = Image.fromarray(photo).resize((panel, panel), Image.BICUBIC)
+            elif key.startswith("contrast"):
+                tile = plots.overlay(photo, maps[key][h], -contrast_max, contrast_max, plots.DIVERGING, size=panel)
+            else:
+                tile = plots.overlay(photo, maps[key][h], 0, attn_max, plots.SEQUENTIAL, size=panel)
+            framed = Image.new("RGB", (panel, panel + 18), "white")
+            framed.paste(tile, (0, 18))
+            ImageDraw.Draw(framed).text((panel / 2, 2), title, fill="black", font=plots.font(12), anchor="ma")
+            tiles.append(framed)
+        tiles.append(plots.colour_bar(panel + 18, 0, attn_max, plots.SEQUENTIAL, "attention"))
+        tiles.append(plots.colour_bar(panel + 18, -contrast_max, contrast_max, plots.DIVERGING, "self-cross"))
+        body = plots.row(tiles, gap=4)
+        label = Image.new("RGB", (body.width, 20), "white")
+        ImageDraw.Draw(label).text((4, 3), f"head {h} (rank {rank + 1} by greedy blur)", fill="black",
+                                   font=plots.font(13))
+        rows += [label, body]
+    verdict = "no threshold" if threshold is None else ("same" if score >= threshold else "different")
+    header_text = (f"A: {name_a}    B: {name_b}\npair score {score:+.4f}   threshold "
+                   f"{'n/a' if threshold is None else f'{threshold:+.4f}'}   verdict: {verdict}")
+    width = max(r.width for r in rows)
+    header = Image.new("RGB", (width, 44), "white")
+    ImageDraw.Draw(header).multiline_text((4, 4), header_text, fill="black", font=plots.font(14))
+    out = Image.new("RGB", (width, 44 + sum(r.height for r in rows)), "white")
+    y = 0
+    for part in [header] + rows:
+        out.paste(part, (0, y))
+        y += part.height
+    return out
+
+
+def pick_pairs(split, n):
+    """n test pairs, half twin impostors and half genuine, spread evenly through the protocol (deterministic)."""
+    a, b, kind, _, _ = protocol_pairs(split)
+    chosen = []
+    for k, count in ((TWIN, n - n // 2), (GENUINE, n // 2)):
+        idx = np.flatnonzero(kind == k)
+        chosen += [(int(a[i]), int(b[i]), k) for i in idx[np.linspace(0, len(idx) - 1, count).round().astype(int)]]
+    return chosen
+
+
+def test_split(ckpt, args):
+    cfg = ckpt["config"]
+    return data.load_split(args.test_info or cfg["test_info"], args.test_pairs or cfg["test_pairs"], cfg["path_remap"])
+
+
+def gallery(model, ckpt, args, device):
+    split = test_split(ckpt, args)
+    images = data.build_cache(split.paths, ckpt["config"]["img_size"], ckpt["config"]["cache_dir"])
+    os.makedirs(args.out, exist_ok=True)
+    entries = []
+    for i, (a, b, kind) in enumerate(pick_pairs(split, args.n)):
+        enc_a, enc_b = encode_pair(model, images[a], images[b], device)
+        score, heads, maps = explain(model, enc_a, enc_b, args.heads)
+        name = f"pair_{i:03d}_{'twin' if kind == TWIN else 'genuine'}.png"
+        figure(images[a], images[b], split.paths[a], split.paths[b], score, ckpt["threshold"], heads,
+               maps).save(os.path.join(args.out, name))
+        entries.append((name, "twin impostor" if kind == TWIN else "genuine", score))
+    rows = "\n".join(f"<h3>{html.escape(kind)}: score {score:+.4f}</h3><img src='{name}'>" for name, kind, score
+                     in entries)
+    with open(os.path.join(args.out, "index.html"), "w") as f:
+        f.write(f"<html><body><h1>Prompt-CAM gallery ({len(entries)} test pairs)</h1>\n{rows}\n</body></html>\n")
+    print(f"wrote {len(entries)} pair pages and index.html to {args.out}")
+
+
+@torch.no_grad()
+def curves(model, enc_a, enc_b, order_a, order_b, insertion):
+    """Pair score as patches are removed (or added) in the given orders, on both images at once."""
+    P = len(order_a)
+    keep_a = torch.zeros(P + 1, P, dtype=torch.bool)
+    keep_b = torch.zeros(P + 1, P, dtype=torch.bool)
+    for k in range(P + 1):  # row k: the first k patches of the order are present (insertion) or gone (deletion)
+        keep_a[k, order_a[:k]] = True
+        keep_b[k, order_b[:k]] = True
+    if not insertion:
+        keep_a, keep_b = ~keep_a, ~keep_b
+    device = enc_a.prompt.device
+    rows = P + 1
+
+    def directed(prompt_enc, image_enc, keep):
+        scores, _ = model.score_prompts(prompt_enc.prompt.expand(rows, 1, -1),
+                                        image_enc[None][[0] * rows], keep_patches=keep.to(device))
+        return scores[:, 0]
+
+    return ((directed(enc_a, enc_b, keep_b) + directed(enc_b, enc_a, keep_a)) / 2).float().cpu().numpy()
+
+
+def area(curve):
+    x = np.linspace(0, 1, len(curve))
+    return float(np.sum(np.diff(x) * (curve[1:] + curve[:-1]) / 2))
+
+
+def faithfulness(model, ckpt, args, device, n_random=5):
+    """Deletion (lower is better) and insertion (higher is better) areas of the maps' order vs random orders."""
+    split = test_split(ckpt, args)
+    images = data.build_cache(split.paths, ckpt["config"]["img_size"], ckpt["config"]["cache_dir"])
+    rng = np.random.default_rng(0)
+    results = {k: [] for k in ("deletion_map", "deletion_random", "insertion_map", "insertion_random")}
+    for a, b, _ in pick_pairs(split, args.n):
+        enc_a, enc_b = encode_pair(model, images[a], images[b], device)
+        _, heads, maps = explain(model, enc_a, enc_b, args.heads)
+        order_a = np.argsort(-maps["cross_b_on_a"][heads].mean(0).ravel(), kind="stable")
+        order_b = np.argsort(-maps["cross_a_on_b"][heads].mean(0).ravel(), kind="stable")
+        randoms = [(rng.permutation(len(order_a)), rng.permutation(len(order_b))) for _ in range(n_random)]
+        for mode, insertion in (("deletion", False), ("insertion", True)):
+            results[f"{mode}_map"].append(area(curves(model, enc_a, enc_b, order_a, order_b, insertion)))
+            results[f"{mode}_random"].append(np.mean([area(curves(model, enc_a, enc_b, ra, rb, insertion))
+                                                      for ra, rb in randoms]))
+    summary = {k: float(np.mean(v)) for k, v in results.items()}
+    summary["n_pairs"] = len(results["deletion_map"])
+    summary["map_beats_random_deletion"] = float(np.mean(np.array(results["deletion_map"]) <
+                                                         np.array(results["deletion_random"])))
+    summary["map_beats_random_insertion"] = float(np.mean(np.array(results["insertion_map"]) >
+                                                          np.array(results["insertion_random"])))
+    print(f"faithfulness over {summary['n_pairs']} test pairs (area under the pair-score curve; "
+          f"{n_random} random orders per pair):\n"
+          f"  deletion:  maps {summary['deletion_map']:+.4f}  random {summary['deletion_random']:+.4f}  "
+          f"(lower is better; maps lower on {100 * summary['map_beats_random_deletion']:.0f}% of pairs)\n"
+          f"  insertion: maps {summary['insertion_map']:+.4f}  random {summary['insertion_random']:+.4f}  "
+          f"(higher is better; maps higher on {100 * summary['map_beats_random_insertion']:.0f}% of pairs)")
+    return summary
+
+
+def trait_hits(model, ckpt, args, device):
+    """Synthetic twins differ only in known marks: how often does a contrast map's peak patch hold one?"""
+    with open(args.trait_hits) as f:
+        marks = json.load(f)["marks"]
+    split = test_split(ckpt, args)
+    size = ckpt["config"]["img_size"]
+    images = data.build_cache(split.paths, size, ckpt["config"]["cache_dir"])
+    grid = model.vit.grid
+    cell = size / grid
+    hits = chance = total = 0
+    for a, b, _ in [p for p in pick_pairs(split, 2 * args.n) if p[2] == TWIN][:args.n]:
+        enc_a, enc_b = encode_pair(model, images[a], images[b], device)
+        _, heads, maps = explain(model, enc_a, enc_b, args.heads)
+        for image, key in ((a, "contrast_a"), (b, "contrast_b")):
+            with_mark = patches_with_marks(marks[split.paths[image]], data.image_side(split.paths[image]), size, grid)
+            peak = int(np.argmax(maps[key][heads].mean(0)))
+            hits += peak in with_mark
+            chance += len(with_mark) / grid ** 2
+            total += 1
+    print(f"contrast-map peak on a differing trait: {hits}/{total} = {hits / total:.1%} of twin images "
+          f"(a random patch would hold one {chance / total:.1%} of the time; patch {cell:.0f}px)")
+    return hits / total, chance / total
+
+
+def patches_with_marks(image_marks, saved_side, size, grid):
+    """Indices of the patches a mark (x, y, radius in the saved image's pixels) overlaps."""
+    scale, cell = size / saved_side, size / grid
+    out = set()
+    for x, y, r in image_marks:
+        x, y, r = x * scale, y * scale, r * scale
+        for row in range(grid):
+            for col in range(grid):
+                nx = min(max(x, col * cell), (col + 1) * cell)
+                ny = min(max(y, row * cell), (row + 1) * cell)
+                if (nx - x) ** 2 + (ny - y) ** 2 <= r ** 2:
+                    out.add(row * grid + col)
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("images", nargs="*", help="two face images, A and B")
+    ap.add_argument("--ckpt", default="ckpt/best.pt")
+    ap.add_argument("--out", help="figure (pair) or folder (gallery); default pair.png / cam_gallery")
+    ap.add_argument("--heads", type=int, default=3, help="how many top-ranked heads to show")
+    ap.add_argument("--pairs", choices=["test"], help="a gallery of test pairs")
+    ap.add_argument("--n", type=int, default=16, help="pairs for --pairs, --faithfulness and --trait-hits")
+    ap.add_argument("--faithfulness", action="store_true")
+    ap.add_argument("--trait-hits", help="traits.json of a synthetic set made by `data.py synth`")
+    ap.add_argument("--test-info", help="default: the checkpoint's test_info")
+    ap.add_argument("--test-pairs", help="default: the checkpoint's test_pairs")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args(argv)
+    modes = sum([bool(args.images), bool(args.pairs), args.faithfulness, bool(args.trait_hits)])
+    if modes != 1 or (args.images and len(args.images) != 2):
+        ap.error("give two images, or one of --pairs, --faithfulness, --trait-hits")
+    device = torch.device(args.device)
+    model, ckpt = load_model(args.ckpt, device)
+    args.heads = min(args.heads, model.num_heads)
+    if args.pairs:
+        args.out = args.out or "cam_gallery"
+        return gallery(model, ckpt, args, device)
+    if args.faithfulness:
+        return faithfulness(model, ckpt, args, device)
+    if args.trait_hits:
+        return trait_hits(model, ckpt, args, device)
+    size = ckpt["config"]["img_size"]
+    image_a, image_b = (read_image(p, size) for p in args.images)
+    enc_a, enc_b = encode_pair(model, image_a, image_b, device)
+    score, heads, maps = explain(model, enc_a, enc_b, args.heads)
+    threshold = ckpt["threshold"]
+    verdict = "no threshold in checkpoint" if threshold is None else ("same" if score >= threshold else "different")
+    print(f"score {score:+.4f}  threshold {'n/a' if threshold is None else f'{threshold:+.4f}'}  verdict: {verdict}")
+    out = args.out or "pair.png"
+    figure(image_a, image_b, *args.images, score, threshold, heads, maps).save(out)
+    print(f"top heads {heads}; wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,435 @@
+"""Data: the user's info files, a uint8 image cache, twin-family batches, on-device augmentation,
+and a synthetic twin data set in the user's exact format.
+
+    python data.py synth --out DIR [--shape demo|real] [--size 112]
+"""
+import argparse
+import hashlib
+import json
+import math
+import os
+import random
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFilter
+
+from model import IMAGENET_MEAN, IMAGENET_STD
+from progress import Progress
+
+CACHE_VERSION = 1  # bump when decoding changes, so old caches are rebuilt
+
+
+class DataError(ValueError):
+    """Bad input data; the message lists every problem found."""
+
+    def __init__(self, problems, what="data"):
+        shown = problems[:50]
+        more = f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""
+        super().__init__(f"{len(problems)} problem(s) with the {what}:\n  " + "\n  ".join(shown) + more)
+
+
+# ---------------------------------------------------------------- info files
+
+@dataclass
+class Split:
+    """One split: image paths with their person, and the twin families.
+
+    paths[i] is image i, person[i] its index into ids; families are lists of person indices
+    (twins, the triplet, or one person with no listed twin)."""
+    ids: list
+    paths: list
+    person: torch.Tensor
+    families: list
+
+    def images_of(self):
+        """Image indices of every person, in id order."""
+        out = [[] for _ in self.ids]
+        for i, p in enumerate(self.person.tolist()):
+            out[p].append(i)
+        return out
+
+    def subset(self, family_indices):
+        """The split restricted to some families, with ids and images renumbered."""
+        keep = sorted(p for f in family_indices for p in self.families[f])
+        new_index = {p: i for i, p in enumerate(keep)}
+        images = [i for i, p in enumerate(self.person.tolist()) if p in new_index]
+        return Split(ids=[self.ids[p] for p in keep], paths=[self.paths[i] for i in images],
+                     person=torch.tensor([new_index[int(self.person[i])] for i in images]),
+                     families=[[new_index[p] for p in self.families[f]] for f in family_indices])
+
+
+def remap_path(path, path_remap):
+    """'OLD=NEW' rewrites a leading OLD (paths made on another machine, e.g. /kaggle/input/...)."""
+    if not path_remap:
+        return path
+    old, new = path_remap.split("=", 1)
+    return new + path[len(old):] if path.startswith(old) else path
+
+
+def read_json(path, what):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise DataError([f"{path}: {what} file not found"]) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError([f"{path}: {what} file is not valid JSON ({e})"]) from None
+
+
+def load_split(info_path, pairs_path, path_remap=""):
+    """Read and check `{id: [image paths]}` and `[[id, id], ...]`; raise once with every problem."""
+    info = read_json(info_path, "info")
+    pairs = read_json(pairs_path, "pairs")
+    if not isinstance(info, dict) or not all(isinstance(v, list) for v in info.values()):
+        raise DataError([f"{info_path}: expected an object {{id: [image paths]}}"])
+    if not isinstance(pairs, list):
+        raise DataError([f"{pairs_path}: expected a list of [id, id] pairs"])
+    problems, seen = [], {}
+    ids = sorted(info)
+    for pid in ids:
+        if len(info[pid]) < 2:
+            problems.append(f"{info_path}: id {pid} has {len(info[pid])} image(s); at least 2 are needed")
+        for p in info[pid]:
+            if p in seen:
+                problems.append(f"{info_path}: {p} is listed twice (ids {seen[p]} and {pid})")
+            seen[p] = pid
+    index = {pid: i for i, pid in enumerate(ids)}
+    parent = list(range(len(ids)))  # union-find: twin pairs that share a person form one family
+
+    def root(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for pair in pairs:
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
+            problems.append(f"{pairs_path}: {pair!r} is not a pair of two id strings")
+            continue
+        missing = [x for x in pair if x not in index]
+        problems += [f"{pairs_path}: id {x} has no images in {info_path}" for x in missing]
+        if pair[0] == pair[1]:
+            problems.append(f"{pairs_path}: {pair!r} pairs an id with itself")
+        elif not missing:
+            parent[root(index[pair[0]])] = root(index[pair[1]])
+    paths, person = [], []
+    for pid in ids:
+        for p in info[pid]:
+            paths.append(remap_path(p, path_remap))
+            person.append(index[pid])
+    problems += [f"{p}: image file not found (id {ids[person[i]]})" for i, p in enumerate(paths)
+                 if not os.path.isfile(p)]
+    if problems:
+        raise DataError(problems, f"data in {info_path} / {pairs_path}")
+    groups = {}
+    for i in range(len(ids)):
+        groups.setdefault(root(i), []).append(i)
+    return Split(ids=ids, paths=paths, person=torch.tensor(person), families=sorted(groups.values()))
+
+
+def hold_out_families(split, n_val, seed):
+    """(train, val): a seeded choice of whole twin families (twins first, so val has twin impostors)."""
+    if n_val == 0:
+        return split, None
+    twin_families = [i for i, f in enumerate(split.families) if len(f) > 1]
+    if n_val >= len(twin_families):
+        raise ValueError(f"val_families={n_val} leaves no twin family for training ({len(twin_families)} in all)")
+    val = sorted(random.Random(seed).sample(twin_families, n_val))
+    train = [i for i in range(len(split.families)) if i not in set(val)]
+    return split.subset(train), split.subset(val)
+
+
+# ---------------------------------------------------------------- decoding and the cache
+
+def load_image(path, size):
+    """Any image file -> uint8 (3, size, size): RGB, centre-cropped to a square, resized (antialiased)."""
+    return torch.from_numpy(decode_rgb(path, size)).permute(2, 0, 1)
+
+
+def decode_rgb(path, size):
+    """The decoding behind load_image, as a (size, size, 3) uint8 array."""
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        w, h = im.size
+        side = min(w, h)
+        im = im.crop(((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side))
+        return np.asarray(im.resize((size, size), Image.BICUBIC)).copy()
+
+
+def image_side(path):
+    """The side of the square crop load_image takes from this file, in its own pixels."""
+    with Image.open(path) as im:
+        return min(im.size)
+
+
+def _decode(args):
+    # numpy, not torch, crosses the process boundary: torch's shared-memory tensor passing can deadlock
+    path, size = args
+    try:
+        return decode_rgb(path, size), None
+    except Exception as e:  # collected, so every unreadable file is reported at once
+        return None, f"{path}: cannot read image ({type(e).__name__}: {e})"
+
+
+def cache_file(paths, size, cache_dir):
+    """Named by the files' paths, sizes and modification times, and the image size."""
+    h = hashlib.sha256(f"v{CACHE_VERSION} {size}".encode())
+    for p in paths:
+        st = os.stat(p)
+        h.update(f"\n{p}\t{st.st_size}\t{st.st_mtime_ns}".encode())
+    return os.path.join(cache_dir, f"images_{size}px_{h.hexdigest()[:16]}.pt")
+
+
+def build_cache(paths, size, cache_dir, verbose=True):
+    """Decode every image once (all CPU cores) into uint8 (N, 3, size, size), saved and reused."""
+    path = cache_file(paths, size, cache_dir)
+    if os.path.exists(path):
+        cached = torch.load(path, map_location="cpu", weights_only=True)
+        if cached["paths"] == list(paths) and cached["size"] == size:
+            return cached["images"]
+        if verbose:
+            print(f"{path} was made from other files; rebuilding it", flush=True)
+    images = torch.empty(len(paths), 3, size, size, dtype=torch.uint8)
+    problems = []
+    bar = Progress(len(paths), f"decoding {len(paths)} images at {size}px", enabled=verbose)
+    with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
+        for i, (img, err) in enumerate(pool.map(_decode, [(p, size) for p in paths], chunksize=32)):
+            if err:
+                problems.append(err)
+            else:
+                images[i] = torch.from_numpy(img).permute(2, 0, 1)
+            bar.update()
+    if problems:
+        raise DataError(problems, "images")
+    os.makedirs(cache_dir, exist_ok=True)
+    tmp = path + ".tmp"
+    torch.save({"paths": list(paths), "size": size, "images": images}, tmp)
+    os.replace(tmp, path)
+    return images
+
+
+# ---------------------------------------------------------------- twin-family batches
+
+class FamilyBatches:
+    """Batches of whole twin families, K images per person, so each person's sibling is in the batch.
+
+    A family contributes ceil(max images / K) units per epoch; a person's images are shuffled and
+    taken cyclically, so every image is seen at least once per epoch. Units are shuffled and grouped
+    F to a batch; the list is padded so every rank gets the same number of batches. The order is a
+    function of (seed, epoch) alone, so resuming at an epoch boundary repeats nothing and skips nothing.
+    """
+
+    def __init__(self, split, images_per_person, families_per_batch, seed, rank=0, world=1):
+        self.families, self.images_of = split.families, split.images_of()
+        self.K, self.F, self.seed, self.rank, self.world = images_per_person, families_per_batch, seed, rank, world
+
+    def epoch(self, epoch):
+        rng = np.random.default_rng([self.seed, epoch])
+        order = {p: rng.permutation(imgs) for p, imgs in enumerate(self.images_of)}
+        units = []
+        for family in self.families:
+            rounds = max(math.ceil(len(self.images_of[p]) / self.K) for p in family)
+            for r in range(rounds):
+                units.append(np.concatenate([np.take(order[p], range(r * self.K, (r + 1) * self.K), mode="wrap")
+                                             for p in family]))
+        units = [units[i] for i in rng.permutation(len(units))]
+        per_step = self.F * self.world
+        units += units[:(-len(units)) % per_step]
+        batches = [np.concatenate(units[i:i + self.F]) for i in range(0, len(units), self.F)]
+        return [torch.from_numpy(b) for b in batches[self.rank::self.world]]
+
+    def __len__(self):
+        units = sum(max(math.ceil(len(self.images_of[p]) / self.K) for p in f) for f in self.families)
+        return math.ceil(units / (self.F * self.world))
+
+
+# ---------------------------------------------------------------- on-device augmentation
+
+def normalize(images):
+    """uint8 or [0, 1] float (B, 3, H, W) -> ImageNet-normalised float."""
+    x = images.float() / 255 if images.dtype == torch.uint8 else images
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def augment(images, gen, hflip=False):
+    """Per-sample scale/translate/rotate, colour jitter and blur of a uint8 batch, on its device.
+
+    No horizontal flip by default: left/right asymmetries are what tells twins apart."""
+    B, _, S, _ = images.shape
+    x = images.float() / 255
+    r = torch.rand(B, 9, generator=gen, device=x.device) * 2 - 1  # uniform in [-1, 1]
+    angle, scale = r[:, 0] * math.radians(8), 1 + 0.08 * r[:, 1]
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    flip = torch.where((r[:, 8] > 0) & hflip, -1.0, 1.0)
+    theta = torch.stack([torch.stack([cos * flip, -sin, 0.05 * r[:, 2]], 1),
+                         torch.stack([sin * flip, cos, 0.05 * r[:, 3]], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    brightness, contrast, saturation = (1 + 0.25 * r[:, 4:7]).T.view(3, B, 1, 1, 1)
+    x = x * brightness
+    gray = (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+    x = gray + (x - gray) * saturation
+    mean = gray.mean((2, 3), keepdim=True)
+    x = (mean + (x - mean) * contrast).clamp(0, 1)
+    # Gaussian blur, sigma up to 1 px at 224 (scaled with the image); half the samples stay sharp.
+    sigma = ((r[:, 7] + 1) * S / 224).clamp(min=1e-3)
+    sigma = torch.where(r[:, 7] > 0, sigma, torch.full_like(sigma, 1e-3))
+    radius = max(1, math.ceil(2 * S / 224))
+    t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
+    kernel = torch.exp(-t[None] ** 2 / (2 * sigma[:, None] ** 2))
+    kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(3, 0)  # (B*3, taps)
+    x = x.reshape(1, B * 3, S, S)
+    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="reflect"), kernel[:, None, None, :], groups=B * 3)
+    x = F.conv2d(F.pad(x, (0, 0, radius, radius), mode="reflect"), kernel[:, None, :, None], groups=B * 3)
+    return normalize(x.reshape(B, 3, S, S))
+
+
+# ---------------------------------------------------------------- synthetic twins
+
+DEMO_SHAPE = {"train": (59, 1, 6), "test": (8, 0, 8)}  # (twin pairs, triplets, images per person)
+
+
+def synth_structure(shape, structure_file):
+    """{split: (images {id: [file names]}, pairs)} for the demo, or the real split's shape."""
+    if shape == "real":
+        with open(structure_file) as f:
+            real = json.load(f)
+        return {s: (real[s]["images"], real[s]["twin_pairs"]) for s in ("train", "test")}
+    out, next_id = {}, 10000
+    for split, (n_pairs, n_triplets, n_images) in DEMO_SHAPE.items():
+        images, pairs = {}, []
+        for size in [2] * n_pairs + [3] * n_triplets:
+            family = [str(next_id + i) for i in range(size)]
+            next_id += size
+            pairs += [[a, b] for i, a in enumerate(family) for b in family[i + 1:]]
+            for pid in family:
+                images[pid] = [f"{pid}d{k}.jpg" for k in range(n_images)]
+        out[split] = (images, pairs)
+    return out
+
+
+def _family_look(rng):
+    return {"skin": tuple(int(c) for c in rng.integers([150, 100, 70], [240, 190, 160])),
+            "hair": tuple(int(c) for c in rng.integers(20, 120, 3)),
+            "face_w": rng.uniform(0.28, 0.36), "face_h": rng.uniform(0.36, 0.44),
+            "eye_y": rng.uniform(0.40, 0.46), "eye_dx": rng.uniform(0.11, 0.15), "eye_r": rng.uniform(0.025, 0.04),
+            "nose": rng.uniform(0.08, 0.13), "mouth_y": rng.uniform(0.66, 0.72), "mouth_w": rng.uniform(0.08, 0.14)}
+
+
+def _person_traits(rng, n=3):
+    """Small local marks, in face-relative coordinates: what alone tells identical twins apart."""
+    traits = []
+    while len(traits) < n:
+        x, y = rng.uniform(0.30, 0.70), rng.uniform(0.30, 0.78)
+        if all(math.hypot(x - a, y - b) > 0.16 for a, b, _ in traits):
+            traits.append((x, y, rng.uniform(0.04, 0.055)))
+    return traits
+
+
+def _draw_face(look, traits, rng, size):
+    """One photo: the shared look, the person's marks, and a new pose, light and expression."""
+    S = 2 * size  # draw at 2x and downsample, for smooth edges
+    bg = tuple(int(c) for c in rng.integers(60, 200, 3))
+    im = Image.new("RGB", (S, S), bg)
+    d = ImageDraw.Draw(im)
+    P = lambda x, y: (x * S, y * S)  # noqa: E731
+    fw, fh = look["face_w"], look["face_h"]
+    d.ellipse([*P(0.5 - fw, 0.52 - fh), *P(0.5 + fw, 0.52 + fh)], fill=look["hair"])
+    d.ellipse([*P(0.5 - fw * 0.92, 0.56 - fh * 0.9), *P(0.5 + fw * 0.92, 0.56 + fh * 0.92)], fill=look["skin"])
+    for side in (-1, 1):
+        ex, ey, er = 0.5 + side * look["eye_dx"], look["eye_y"], look["eye_r"]
+        d.ellipse([*P(ex - er * 1.6, ey - er), *P(ex + er * 1.6, ey + er)], fill=(245, 245, 245))
+        d.ellipse([*P(ex - er * 0.7, ey - er * 0.7), *P(ex + er * 0.7, ey + er * 0.7)], fill=(50, 40, 30))
+        d.line([*P(ex - er * 2, ey - er * 2.2), *P(ex + er * 2, ey - er * 2.4)], fill=look["hair"], width=S // 60)
+    d.line([*P(0.5, look["eye_y"] + 0.03), *P(0.5, look["eye_y"] + 0.03 + look["nose"])],
+           fill=tuple(c - 40 for c in look["skin"]), width=S // 70)
+    smile = rng.uniform(-0.02, 0.03)
+    mw, my = look["mouth_w"], look["mouth_y"]
+    d.line([*P(0.5 - mw, my), *P(0.5, my + smile), *P(0.5 + mw, my)], fill=(150, 50, 50), width=S // 50, joint="curve")
+    for x, y, r in traits:
+        d.ellipse([*P(x - r, y - r), *P(x + r, y + r)], fill=(60, 35, 25))
+    # aligned crops: small residual pose, as after face alignment
+    angle, tx, ty = rng.uniform(-2, 2), rng.uniform(-0.015, 0.015) * S, rng.uniform(-0.015, 0.015) * S
+    im = im.rotate(angle, resample=Image.BICUBIC, translate=(tx, ty), fillcolor=bg)
+    im = im.filter(ImageFilter.GaussianBlur(rng.uniform(0, 1.2))).resize((size, size), Image.LANCZOS)
+    arr = np.asarray(im).astype(np.float32) * rng.uniform(0.8, 1.15) + rng.normal(0, 4, (size, size, 3))
+    im = Image.fromarray(arr.clip(0, 255).astype(np.uint8))
+    a = math.radians(angle)  # where each mark ended up: PIL rotates counter-clockwise about the centre
+    marks = []
+    for x, y, r in traits:
+        dx, dy = x * S - S / 2, y * S - S / 2
+        px = S / 2 + dx * math.cos(a) + dy * math.sin(a) + tx
+        py = S / 2 - dx * math.sin(a) + dy * math.cos(a) + ty
+        marks.append([round(px / 2, 2), round(py / 2, 2), round(r * size, 2)])
+    return im, marks
+
+
+def _synth_person(args):
+    out_dir, pid, files, look, seed, size = args
+    rng = np.random.default_rng(seed)
+    traits = _person_traits(rng)
+    os.makedirs(os.path.join(out_dir, "images", pid), exist_ok=True)
+    marks = {}
+    for name in files:
+        path = os.path.abspath(os.path.join(out_dir, "images", pid, name))
+        im, marks[path] = _draw_face(look, traits, rng, size)
+        im.save(path, quality=92)
+    return marks
+
+
+def synth(out_dir, shape="demo", size=112, seed=0, structure_file=None):
+    """Write images/ID/*.jpg, {train,test}_{info,pairs}.json and traits.json (every mark, in pixels)."""
+    structure_file = structure_file or os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                    "tests", "fixtures", "nd_twin_split_structure.json")
+    rng = np.random.default_rng(seed)
+    all_marks, jobs, files = {}, [], {}
+    for split, (images, pairs) in synth_structure(shape, structure_file).items():
+        ids = sorted(images)
+        family_of = {pid: pid for pid in images}
+        for a, b in pairs:  # a family shares one look: the first id of the family keys it
+            fa, fb = family_of[a], family_of[b]
+            for pid, f in family_of.items():
+                if f == fb:
+                    family_of[pid] = fa
+        looks = {f: _family_look(rng) for f in sorted(set(family_of.values()))}
+        for pid in ids:
+            jobs.append((out_dir, pid, images[pid], looks[family_of[pid]], int(rng.integers(2**31)), size))
+        files[split] = ({pid: [os.path.abspath(os.path.join(out_dir, "images", pid, n)) for n in images[pid]]
+                         for pid in ids}, pairs)
+    with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
+        for marks in pool.map(_synth_person, jobs, chunksize=4):
+            all_marks.update(marks)
+    for split, (info, pairs) in files.items():
+        with open(os.path.join(out_dir, f"{split}_info.json"), "w") as f:
+            json.dump(info, f, indent=1)
+        with open(os.path.join(out_dir, f"{split}_pairs.json"), "w") as f:
+            json.dump(pairs, f)
+    with open(os.path.join(out_dir, "traits.json"), "w") as f:
+        json.dump({"format": "image path -> [[x, y, radius]] in pixels of the saved image", "marks": all_marks}, f)
+    n = sum(len(v) for info, _ in files.values() for v in info.values())
+    print(f"wrote {n} images and the info files to {out_dir}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("synth", help="write a synthetic twin data set")
+    s.add_argument("--out", required=True)
+    s.add_argument("--shape", choices=["demo", "real"], default="demo",
+                   help="demo: small; real: the real split's ids, image counts and pairs")
+    s.add_argument("--size", type=int, default=112, help="saved image side in pixels")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--structure", help="the real split's shape (default: tests/fixtures/nd_twin_split_structure.json)")
+    args = ap.parse_args(argv)
+    synth(args.out, args.shape, args.size, args.seed, args.structure)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

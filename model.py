@@ -1,0 +1,439 @@
+"""A hand-written DINO/DINOv2 ViT and the open-set Prompt-CAM twin verifier (see ../shared/design.md).
+
+ViT: patch embedding, CLS token (+ optional registers), learned positional embedding resampled once to
+the training size, pre-norm blocks with optional LayerScale, final LayerNorm. It loads the official
+checkpoints strictly and reads its architecture from them.
+
+Verifier: the frozen ViT with class-agnostic deep prompts in blocks 1..L-1 and, in the last block,
+identity prompts scored by one shared vector w: s(p; x) = w . LN(block_L([p; tokens(x)])_p).
+Training identities own learned prompts; a generator makes a prompt p(x) for any face, so the pair
+score s(A, B) = (s(p(A); B) + s(p(B); A)) / 2 needs no identity at test time.
+"""
+import hashlib
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+HEAD_DIM = 64  # every official DINO/DINOv2 ViT uses 64-channel heads, so a checkpoint fixes the heads
+
+_DINOV2 = "https://dl.fbaipublicfiles.com/dinov2/"
+_DINO = "https://dl.fbaipublicfiles.com/dino/"
+OFFICIAL_URLS = {
+    "dinov2_vits14": _DINOV2 + "dinov2_vits14/dinov2_vits14_pretrain.pth",
+    "dinov2_vitb14": _DINOV2 + "dinov2_vitb14/dinov2_vitb14_pretrain.pth",
+    "dinov2_vitl14": _DINOV2 + "dinov2_vitl14/dinov2_vitl14_pretrain.pth",
+    "dinov2_vits14_reg4": _DINOV2 + "dinov2_vits14/dinov2_vits14_reg4_pretrain.pth",
+    "dinov2_vitb14_reg4": _DINOV2 + "dinov2_vitb14/dinov2_vitb14_reg4_pretrain.pth",
+    "dinov2_vitl14_reg4": _DINOV2 + "dinov2_vitl14/dinov2_vitl14_reg4_pretrain.pth",
+    "dino_vits16": _DINO + "dino_deitsmall16_pretrain/dino_deitsmall16_pretrain.pth",
+    "dino_vitb16": _DINO + "dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth",
+}
+# Keys an official checkpoint carries that inference never reads (DINOv2's iBOT mask token).
+UNUSED_CHECKPOINT_KEYS = {"mask_token"}
+
+
+class Attention(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.num_heads = dim // HEAD_DIM
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def split_heads(self, x):
+        """(B, N, D) -> q, k, v, each (B, heads, N, 64)."""
+        B, N, D = x.shape
+        return self.qkv(x).view(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+
+    def forward(self, x):
+        B, N, D = x.shape
+        q, k, v = self.split_heads(x)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(B, N, D))
+
+
+class LayerScale(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return x * self.gamma
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, dim, layerscale, eps):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.attn = Attention(dim)
+        self.ls1 = LayerScale(dim) if layerscale else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = Mlp(dim, 4 * dim)
+        self.ls2 = LayerScale(dim) if layerscale else nn.Identity()
+
+    def forward(self, x):
+        x = x + self.ls1(self.attn(self.norm1(x)))
+        return self.mlp_residual(x)
+
+    def mlp_residual(self, x):
+        return x + self.ls2(self.mlp(self.norm2(x)))
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, dim, patch_size):
+        super().__init__()
+        self.proj = nn.Conv2d(3, dim, patch_size, patch_size)
+
+    def forward(self, images):
+        return self.proj(images).flatten(2).transpose(1, 2)
+
+
+@dataclass(frozen=True)
+class ViTConfig:
+    embed_dim: int
+    depth: int
+    patch_size: int
+    num_registers: int
+    layerscale: bool
+    img_size: int
+    eps: float = 1e-6
+
+
+class ViT(nn.Module):
+    """Maps a normalised image batch (B, 3, H, W) to final-normed tokens (B, 1 + registers + patches, D)."""
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.cfg = cfg
+        D, grid = cfg.embed_dim, cfg.img_size // cfg.patch_size
+        self.patch_embed = PatchEmbed(D, cfg.patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid * grid, D))
+        self.register_tokens = nn.Parameter(torch.zeros(1, cfg.num_registers, D)) if cfg.num_registers else None
+        self.blocks = nn.ModuleList(Block(D, cfg.layerscale, cfg.eps) for _ in range(cfg.depth))
+        self.norm = nn.LayerNorm(D, eps=cfg.eps)
+
+    @property
+    def num_prefix(self):
+        """CLS plus registers: the tokens before the patches."""
+        return 1 + self.cfg.num_registers
+
+    @property
+    def grid(self):
+        return self.cfg.img_size // self.cfg.patch_size
+
+    def embed(self, images):
+        """Patch tokens with positions, CLS first, then registers (which get no position)."""
+        if images.shape[-2:] != (self.cfg.img_size, self.cfg.img_size):
+            raise ValueError(f"expected {self.cfg.img_size}px images, got {tuple(images.shape[-2:])}")
+        x = self.patch_embed(images)
+        x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], dim=1) + self.pos_embed
+        if self.register_tokens is not None:
+            x = torch.cat([x[:, :1], self.register_tokens.expand(len(x), -1, -1), x[:, 1:]], dim=1)
+        return x
+
+    def forward(self, images):
+        x = self.embed(images)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+
+def resample_pos_embed(pos_embed, grid, family):
+    """Resample the patch pos-embed to grid x grid exactly as the official code of `family` does."""
+    cls_pos, patch_pos = pos_embed[:, :1], pos_embed[:, 1:]
+    old = math.isqrt(patch_pos.shape[1])
+    if old == grid:
+        return pos_embed
+    dim = patch_pos.shape[-1]
+    patch_pos = patch_pos.float().reshape(1, old, old, dim).permute(0, 3, 1, 2)
+    if family == "dinov2_reg":  # registers release: explicit size, antialiased
+        patch_pos = F.interpolate(patch_pos, size=(grid, grid), mode="bicubic", antialias=True)
+    else:  # DINO and DINOv2 without registers: scale factor with a +0.1 offset, no antialias
+        scale = (grid + 0.1) / old
+        patch_pos = F.interpolate(patch_pos, scale_factor=(scale, scale), mode="bicubic", antialias=False)
+    patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, grid * grid, dim)
+    return torch.cat([cls_pos, patch_pos.to(pos_embed.dtype)], dim=1)
+
+
+def read_checkpoint(source, cache_dir=None):
+    """State dict from an official name, a URL or a local .pth file."""
+    if source in OFFICIAL_URLS or source.startswith(("http://", "https://")):
+        url = OFFICIAL_URLS.get(source, source)
+        model_dir = cache_dir or os.environ.get("TWIN_WEIGHTS_DIR")  # None: torch hub's own cache
+        try:
+            state = torch.hub.load_state_dict_from_url(url, model_dir=model_dir, map_location="cpu",
+                                                       weights_only=True)
+        except Exception as e:
+            raise RuntimeError(f"could not download {url} ({e}); on an offline machine download it "
+                               f"elsewhere and pass the local file path as `arch`") from e
+    elif os.path.isfile(source):
+        try:
+            state = torch.load(source, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"{source}: not a readable PyTorch checkpoint ({e})") from e
+    else:
+        raise ValueError(f"unknown backbone {source!r}: not a file, a URL or one of {sorted(OFFICIAL_URLS)}")
+    if isinstance(state, dict) and "model" in state and "cls_token" not in state:
+        state = state["model"]
+    if not isinstance(state, dict) or "cls_token" not in state:
+        raise ValueError(f"{source}: not a DINO/DINOv2 ViT checkpoint (no `cls_token` key)")
+    return state
+
+
+def load_vit(source, img_size, cache_dir=None):
+    """Build a ViT from an official checkpoint (name, URL or path), pos-embed resampled to img_size."""
+    state = dict(read_checkpoint(source, cache_dir))
+    try:
+        D = state["cls_token"].shape[-1]
+        patch = state["patch_embed.proj.weight"].shape[-1]
+        depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+        native_grid = math.isqrt(state["pos_embed"].shape[1] - 1)
+    except (KeyError, ValueError, AttributeError) as e:
+        raise ValueError(f"{source}: checkpoint is missing a ViT key or has a malformed one ({e!r})") from e
+    if img_size % patch:
+        raise ValueError(f"img_size {img_size} is not a multiple of the patch size {patch} of {source}")
+    registers = state["register_tokens"].shape[1] if "register_tokens" in state else 0
+    family = "dino" if "mask_token" not in state else ("dinov2_reg" if registers else "dinov2")
+    cfg = ViTConfig(embed_dim=D, depth=depth, patch_size=patch, num_registers=registers,
+                    layerscale="blocks.0.ls1.gamma" in state, img_size=img_size)
+    vit = ViT(cfg)
+    for key in UNUSED_CHECKPOINT_KEYS:
+        state.pop(key, None)
+    state["pos_embed"] = resample_pos_embed(state["pos_embed"], img_size // patch, family)
+    check_state_dict(vit.state_dict(), state, source)
+    vit.load_state_dict(state, strict=True)
+    vit.family = family
+    vit.fingerprint = backbone_fingerprint(state)
+    return vit
+
+
+def backbone_fingerprint(state):
+    """A digest of the pre-trained weights as loaded, so a checkpoint is never paired with another backbone."""
+    digest = hashlib.sha256()
+    for name in ("cls_token", "pos_embed", "patch_embed.proj.weight"):
+        digest.update(state[name].detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def check_state_dict(expected, state, source):
+    """Raise naming every missing, unexpected or mis-shaped key (load_state_dict would stop at the first)."""
+    problems = [f"missing key {k}" for k in expected if k not in state]
+    problems += [f"unexpected key {k}" for k in state if k not in expected]
+    problems += [f"{k}: shape {tuple(state[k].shape)}, expected {tuple(v.shape)}"
+                 for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    if problems:
+        raise ValueError(f"{source}: checkpoint does not fit the model:\n  " + "\n  ".join(problems))
+
+
+@dataclass
+class Encoding:
+    """What the pair scorer needs of one image batch: its identity prompt and last-block keys/values."""
+    prompt: torch.Tensor  # (B, D)   p(x)
+    keys: torch.Tensor    # (B, heads, N, 64)
+    values: torch.Tensor  # (B, heads, N, 64)
+
+    def __getitem__(self, index):
+        return Encoding(self.prompt[index], self.keys[index], self.values[index])
+
+    def to(self, device):
+        return Encoding(self.prompt.to(device), self.keys.to(device), self.values.to(device))
+
+    @staticmethod
+    def cat(parts):
+        return Encoding(*(torch.cat([getattr(p, f) for p in parts]) for f in ("prompt", "keys", "values")))
+
+
+class PromptGenerator(nn.Module):
+    """p(x): an identity prompt made from an image's last-layer input.
+
+    Twins differ in small local traits, so the prompt must know *where* things are: each patch token is
+    projected to a few channels and the grid is kept in order (flattened), with the CLS token beside it.
+    Mean pooling would erase exactly that."""
+
+    def __init__(self, dim, num_patches, channels_per_patch=8):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.reduce = nn.Linear(dim, channels_per_patch)
+        self.fc1 = nn.Linear(dim + num_patches * channels_per_patch, dim)
+        self.fc2 = nn.Linear(dim, dim)
+
+    def forward(self, cls, patches):
+        local = self.reduce(self.norm(patches)).flatten(1)
+        return self.fc2(F.gelu(self.fc1(torch.cat([self.norm(cls), local], dim=-1))))
+
+
+class TwinVerifier(nn.Module):
+    def __init__(self, vit: ViT, num_classes, deep_prompts=4, train_blocks=0):
+        super().__init__()
+        D, L = vit.cfg.embed_dim, vit.cfg.depth
+        if not 0 <= train_blocks <= L:
+            raise ValueError(f"train_blocks={train_blocks} must lie in 0..{L}")
+        self.vit = vit
+        for p in vit.parameters():
+            p.requires_grad_(False)
+        for block in vit.blocks[L - train_blocks:] if train_blocks else []:
+            block.requires_grad_(True)
+        if train_blocks:
+            vit.norm.requires_grad_(True)
+        if train_blocks == L:  # the whole backbone: embeddings too (for weak or untrained backbones)
+            vit.requires_grad_(True)
+        # VPT-Deep: fresh class-agnostic prompts at the input of blocks 1..L-1, replaced at every layer
+        self.deep_prompts = nn.Parameter(torch.randn(L - 1, deep_prompts, D) * 0.02)
+        self.class_prompts = nn.Parameter(torch.randn(num_classes, D) * 0.02)
+        self.generator = PromptGenerator(D, vit.grid ** 2)
+        self.score_w = nn.Parameter(torch.randn(D) / math.sqrt(D))
+        self.train_blocks = train_blocks
+
+    def summary(self):
+        n_train = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        n_all = sum(p.numel() for p in self.parameters())
+        frozen = ("nothing frozen" if self.train_blocks == len(self.vit.blocks) else
+                  f"backbone frozen except the last {self.train_blocks} blocks")
+        return f"model: {n_train:,} trainable of {n_all:,} parameters ({frozen})"
+
+    @property
+    def num_heads(self):
+        return self.vit.blocks[-1].attn.num_heads
+
+    def encode(self, images) -> Encoding:
+        """Run blocks 1..L-1 once per image; keep what the last block needs: p(x), keys and values."""
+        vit = self.vit
+        x = vit.embed(images)
+        n_prefix, n_deep = vit.num_prefix, self.deep_prompts.shape[1]
+        for block, prompts in zip(vit.blocks[:-1], self.deep_prompts):
+            x = torch.cat([x[:, :n_prefix], prompts.expand(len(x), -1, -1), x[:, n_prefix:]], dim=1)
+            x = block(x)
+            x = torch.cat([x[:, :n_prefix], x[:, n_prefix + n_deep:]], dim=1)
+        _, keys, values = vit.blocks[-1].attn.split_heads(vit.blocks[-1].norm1(x))
+        return Encoding(self.generator(x[:, 0], x[:, n_prefix:]), keys, values)
+
+    def score_prompts(self, prompts, enc: Encoding, blurred_heads=None, keep_patches=None, need_maps=False):
+        """s(p; x) for M prompts per image: prompts (B, M, D) against enc (B images) -> scores (B, M).
+
+        Each prompt attends to itself and the image's tokens, never to another prompt. With need_maps,
+        blurred_heads (heads,) bool or keep_patches (B, patches) bool, attention is computed explicitly
+        and returned as (B, heads, M, patches); otherwise the fused kernel runs and maps are None.
+        """
+        block, vit = self.vit.blocks[-1], self.vit
+        B, M, D = prompts.shape
+        q, k, v = block.attn.split_heads(block.norm1(prompts))
+        keys, values = torch.cat([k, enc.keys], 2), torch.cat([v, enc.values], 2)
+        allowed = torch.cat([torch.eye(M, dtype=torch.bool, device=prompts.device),
+                             torch.ones(M, enc.keys.shape[2], dtype=torch.bool, device=prompts.device)], 1)
+        maps = None
+        if need_maps or blurred_heads is not None or keep_patches is not None:
+            logits = (q @ keys.transpose(-1, -2)) * q.shape[-1] ** -0.5
+            logits = logits.masked_fill(~allowed, float("-inf"))
+            first_patch = M + vit.num_prefix
+            if keep_patches is not None:
+                dropped = F.pad(~keep_patches, (first_patch, 0))[:, None, None, :]
+                logits = logits.masked_fill(dropped, float("-inf"))
+            attn = logits.softmax(-1)
+            if blurred_heads is not None:  # Prompt-CAM's blur: a head's patch map made uniform, same mass
+                patch_attn = attn[..., first_patch:]
+                uniform = patch_attn.sum(-1, keepdim=True) / patch_attn.shape[-1]
+                patch_attn = torch.where(blurred_heads[None, :, None, None], uniform.expand_as(patch_attn),
+                                         patch_attn)
+                attn = torch.cat([attn[..., :first_patch], patch_attn], -1)
+            maps = attn[..., first_patch:]
+            out = attn @ values
+        else:
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed)
+        h = prompts + block.ls1(block.attn.proj(out.transpose(1, 2).reshape(B, M, D)))
+        h = block.mlp_residual(h)
+        return vit.norm(h) @ self.score_w, maps
+
+    def forward(self, images):
+        """Training view: scores of every training identity's prompt and of every image's generated
+        prompt on every image in the batch. Returns (class_scores (B, C), pair_scores (B, B), p(x) (B, D));
+        pair_scores[i, j] is the symmetric score of images i and j."""
+        enc = self.encode(images)
+        B = len(images)
+        class_scores, _ = self.score_prompts(self.class_prompts.expand(B, -1, -1), enc)
+        directed, _ = self.score_prompts(enc.prompt.expand(B, -1, -1), enc)  # [j, i] = s(p(x_i); x_j)
+        return class_scores, (directed + directed.T) / 2, enc.prompt
+
+    @torch.no_grad()
+    def score_pairs(self, enc: Encoding, a, b, chunk=4096):
+        """Symmetric scores of image pairs (a[k], b[k]) from cached encodings: two prompt rows per pair.
+
+        Rows are grouped by the image whose keys/values they read, so no key/value tensor is copied
+        per pair; a pair's score depends only on its two encodings.
+        """
+        a, b = torch.as_tensor(a, dtype=torch.long), torch.as_tensor(b, dtype=torch.long)
+        prompt_idx, image_idx = torch.cat([a, b]), torch.cat([b, a])
+        directed = torch.empty(len(prompt_idx), device=enc.prompt.device)
+        order = torch.argsort(image_idx, stable=True)
+        images, counts = torch.unique_consecutive(image_idx[order], return_counts=True)
+        for image, rows in zip(images.tolist(), torch.split(order, counts.tolist())):
+            for part in torch.split(rows, chunk):
+                s, _ = self.score_prompts(enc.prompt[prompt_idx[part]][None], enc[image:image + 1])
+                directed[part.to(directed.device)] = s[0].float()
+        n = len(a)
+        return (directed[:n] + directed[n:]) / 2
+
+    @torch.no_grad()
+    def pair_maps(self, enc_a: Encoding, enc_b: Encoding, blurred_heads=None):
+        """Per-head attention of p(A) and p(B) on A and on B, each (heads, grid, grid), and the pair score."""
+        prompts = torch.stack([enc_a.prompt, enc_b.prompt])[None]  # (1, 2, D): [p(A), p(B)]
+        grid = self.vit.grid
+        on_a_s, on_a = self.score_prompts(prompts, enc_a[None], blurred_heads, need_maps=True)
+        on_b_s, on_b = self.score_prompts(prompts, enc_b[None], blurred_heads, need_maps=True)
+        shape = (self.num_heads, grid, grid)
+        maps = {"self_a": on_a[0, :, 0].reshape(shape), "cross_b_on_a": on_a[0, :, 1].reshape(shape),
+                "cross_a_on_b": on_b[0, :, 0].reshape(shape), "self_b": on_b[0, :, 1].reshape(shape)}
+        score = (on_b_s[0, 0] + on_a_s[0, 1]) / 2  # s(p(A); B) and s(p(B); A)
+        return float(score), maps
+
+    def trainable_state(self):
+        return {k: v for k, v in self.state_dict(keep_vars=True).items() if v.requires_grad}
+
+    def load_trainable_state(self, state, source):
+        expected = self.trainable_state()
+        check_state_dict(expected, state, source)
+        with torch.no_grad():
+            for k, v in expected.items():
+                v.copy_(state[k])
+
+
+def build_verifier(arch, img_size, num_classes, deep_prompts, train_blocks, weights_dir=None):
+    vit = load_vit(arch, img_size, weights_dir)
+    return TwinVerifier(vit, num_classes, deep_prompts, train_blocks)
+
+
+def read_training_checkpoint(path):
+    """A checkpoint train.py wrote, or a SystemExit that names the file and what is wrong."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise SystemExit(f"{path}: no such checkpoint") from None
+    except Exception as e:
+        raise SystemExit(f"{path}: cannot read checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(ckpt, dict) or not {"config", "model", "model_args"} <= set(ckpt):
+        raise SystemExit(f"{path}: not a training checkpoint of this project (no model in it)")
+    return ckpt
+
+
+def verifier_from_checkpoint(ckpt, source, weights_dir=None):
+    """Rebuild the verifier a training checkpoint describes (backbone from `arch`, then its trainable weights)."""
+    model = build_verifier(**ckpt["model_args"], weights_dir=weights_dir)
+    if model.vit.fingerprint != ckpt["backbone_fingerprint"]:
+        raise ValueError(f"{source}: was trained on other backbone weights than {ckpt['model_args']['arch']}")
+    model.load_trainable_state(ckpt["model"], source)
+    return model

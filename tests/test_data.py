@@ -1,0 +1,137 @@
+import json
+import os
+
+import pytest
+import torch
+
+import data
+from conftest import FIXTURES, run_py
+
+
+def write_set(tmp, people, pairs, size=24):
+    """A tiny info/pairs pair on disk; people: {id: n_images}."""
+    from PIL import Image
+    info = {}
+    for pid, n in people.items():
+        os.makedirs(tmp / pid, exist_ok=True)
+        info[pid] = []
+        for k in range(n):
+            path = str(tmp / pid / f"{k}.jpg")
+            Image.new("RGB", (size, size + 8), (10 * k, 50, 200)).save(path)
+            info[pid].append(path)
+    (tmp / "info.json").write_text(json.dumps(info))
+    (tmp / "pairs.json").write_text(json.dumps(pairs))
+    return str(tmp / "info.json"), str(tmp / "pairs.json"), info
+
+
+def test_every_problem_is_reported_at_once(tmp_path):
+    info_path, pairs_path, info = write_set(tmp_path, {"1": 3, "2": 3, "3": 1}, [["1", "2"], ["3", "99"]])
+    os.remove(info["1"][0])
+    info["2"].append(info["2"][0])  # the same file twice
+    (tmp_path / "info.json").write_text(json.dumps(info))
+    with pytest.raises(data.DataError) as err:
+        data.load_split(info_path, pairs_path)
+    text = str(err.value)
+    assert "4 problem(s)" in text
+    assert f"{info['1'][0]}: image file not found (id 1)" in text
+    assert "id 99 has no images in" in text
+    assert "id 3 has 1 image(s)" in text
+    assert f"{info['2'][0]} is listed twice" in text
+
+
+def test_unreadable_images_are_named_and_nothing_is_cached(tmp_path):
+    info_path, pairs_path, info = write_set(tmp_path, {"1": 2, "2": 2}, [["1", "2"]])
+    with open(info["2"][1], "wb") as f:
+        f.write(b"not a jpeg")
+    split = data.load_split(info_path, pairs_path)
+    with pytest.raises(data.DataError, match=f"{info['2'][1]}: cannot read image"):
+        data.build_cache(split.paths, 16, str(tmp_path / "cache"), verbose=False)
+    assert not os.path.exists(tmp_path / "cache") or not os.listdir(tmp_path / "cache")
+
+
+def test_bad_json_and_missing_files_name_the_file(tmp_path):
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(data.DataError, match="bad.json: info file is not valid JSON"):
+        data.load_split(str(tmp_path / "bad.json"), str(tmp_path / "bad.json"))
+    with pytest.raises(data.DataError, match="nope.json: info file not found"):
+        data.load_split(str(tmp_path / "nope.json"), str(tmp_path / "bad.json"))
+
+
+def test_path_remap_and_families(tmp_path):
+    info_path, pairs_path, info = write_set(tmp_path, {"a": 2, "b": 2, "c": 2, "d": 2, "e": 2},
+                                            [["a", "b"], ["b", "c"], ["a", "c"], ["d", "e"]])
+    moved = {pid: [p.replace(str(tmp_path), "/kaggle/input/nd") for p in ps] for pid, ps in info.items()}
+    (tmp_path / "info.json").write_text(json.dumps(moved))
+    split = data.load_split(info_path, pairs_path, f"/kaggle/input/nd={tmp_path}")
+    assert split.paths[0] == info["a"][0]
+    assert sorted(map(len, split.families)) == [2, 3]  # the triplet is one family
+
+
+def test_cache_is_reused_and_rebuilt_when_files_or_size_change(tmp_path):
+    info_path, pairs_path, info = write_set(tmp_path, {"1": 2, "2": 2}, [["1", "2"]])
+    split = data.load_split(info_path, pairs_path)
+    cache_dir = str(tmp_path / "cache")
+    first = data.build_cache(split.paths, 16, cache_dir, verbose=False)
+    assert first.dtype == torch.uint8 and first.shape == (4, 3, 16, 16)
+    assert len(os.listdir(cache_dir)) == 1
+    assert torch.equal(data.build_cache(split.paths, 16, cache_dir, verbose=False), first)
+    assert data.build_cache(split.paths, 20, cache_dir, verbose=False).shape[-1] == 20
+    from PIL import Image
+    Image.new("RGB", (30, 30), (255, 0, 0)).save(info["1"][0])  # same path, new content
+    os.utime(info["1"][0], ns=(1, 1))
+    rebuilt = data.build_cache(split.paths, 16, cache_dir, verbose=False)
+    assert not torch.equal(rebuilt[0], first[0]) and rebuilt[0, 0].float().mean() > 250
+
+
+def test_family_batches_cover_every_image_with_siblings_together(synth_dir):
+    split = data.load_split(f"{synth_dir}/train_info.json", f"{synth_dir}/train_pairs.json")
+    family_of = {p: f for f, members in enumerate(split.families) for p in members}
+    per_rank = [data.FamilyBatches(split, 4, 3, seed=5, rank=r, world=2) for r in range(2)]
+    epochs = [b.epoch(0) for b in per_rank]
+    assert len(epochs[0]) == len(epochs[1]) == len(per_rank[0])
+    seen = torch.cat([torch.cat(e) for e in epochs])
+    assert set(seen.tolist()) == set(range(len(split.paths)))  # every image at least once per epoch
+    for batch in epochs[0]:
+        people = set(split.person[batch].tolist())
+        for p in people:  # every person's whole family is in the batch, K images each
+            assert set(split.families[family_of[p]]) <= people
+            assert (split.person[batch] == p).sum() % 4 == 0
+    assert all(torch.equal(x, y) for x, y in zip(per_rank[0].epoch(0), epochs[0]))  # a function of (seed, epoch)
+    assert not all(torch.equal(x, y) for x, y in zip(per_rank[0].epoch(1), epochs[0]))
+
+
+def test_validation_holds_out_whole_twin_families(synth_dir):
+    split = data.load_split(f"{synth_dir}/train_info.json", f"{synth_dir}/train_pairs.json")
+    train, val = data.hold_out_families(split, 3, seed=0)
+    assert len(val.families) == 3 and all(len(f) >= 2 for f in val.families)
+    assert not set(train.ids) & set(val.ids) and len(train.ids) + len(val.ids) == len(split.ids)
+    assert data.hold_out_families(split, 3, seed=0)[1].ids == val.ids
+
+
+def test_augmentation_is_seeded_per_sample_and_keeps_sides():
+    images = torch.zeros(4, 3, 32, 32, dtype=torch.uint8)
+    images[:, :, 12:20, 2:8] = 255  # a bright mark on the left side
+    a = data.augment(images, torch.Generator().manual_seed(0))
+    b = data.augment(images, torch.Generator().manual_seed(0))
+    assert a.shape == (4, 3, 32, 32) and a.dtype == torch.float32 and torch.equal(a, b)
+    assert not torch.allclose(a[0], a[1])  # each sample gets its own transform
+    left, right = a[..., :16].mean(), a[..., 16:].mean()
+    assert left > right  # no horizontal flip by default
+
+
+def test_synth_real_shape_matches_the_split(tmp_path):
+    run_py(["data.py", "synth", "--out", str(tmp_path), "--shape", "real", "--size", "16"], timeout=900)
+    with open(os.path.join(FIXTURES, "nd_twin_split_structure.json")) as f:
+        real = json.load(f)
+    for name, n_ids, n_images in (("train", 353, 6182), ("test", 62, 907)):
+        split = data.load_split(str(tmp_path / f"{name}_info.json"), str(tmp_path / f"{name}_pairs.json"))
+        assert len(split.ids) == n_ids and len(split.paths) == n_images
+        assert sorted(map(sorted, json.load(open(tmp_path / f"{name}_pairs.json")))) == \
+            sorted(map(sorted, real[name]["twin_pairs"]))
+    marks = json.load(open(tmp_path / "traits.json"))["marks"]
+    assert len(marks) == 6182 + 907 and all(len(v) == 3 for v in marks.values())
+    from evaluate import protocol_pairs, GENUINE, TWIN, OTHER
+    test = data.load_split(str(tmp_path / "test_info.json"), str(tmp_path / "test_pairs.json"))
+    _, _, kind, _, _ = protocol_pairs(test, all_impostors=True)
+    assert ((kind == GENUINE).sum(), (kind == TWIN).sum(), (kind != GENUINE).sum()) == (9485, 9849, 401386)
+    assert (kind == OTHER).sum() == 401386 - 9849

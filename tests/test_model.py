@@ -1,0 +1,148 @@
+import inspect
+import os
+
+import pytest
+import torch
+
+import model
+from conftest import FIXTURES, TINY_ARCH
+
+VIT = os.path.join(FIXTURES, "vit")
+
+
+@pytest.mark.parametrize("name,sizes", [("dinov2_tiny", (224, 518)), ("dinov2_tiny_reg4", (224, 518)),
+                                        ("dino_tiny16", (224, 160))])
+def test_parity_with_official_code(name, sizes):
+    ref = torch.load(os.path.join(VIT, f"{name}_ref.pt"), weights_only=True)
+    for size in sizes:
+        vit = model.load_vit(os.path.join(VIT, f"{name}.pth"), size).eval()
+        with torch.no_grad():
+            out = vit(ref[f"x{size}"].float())
+        if name == "dino_tiny16":
+            torch.testing.assert_close(out, ref[f"tokens{size}"], atol=1e-4, rtol=0)
+        else:
+            torch.testing.assert_close(out[:, 0], ref[f"cls{size}"], atol=1e-4, rtol=0)
+            torch.testing.assert_close(out[:, vit.num_prefix:], ref[f"patch{size}"], atol=1e-4, rtol=0)
+
+
+def test_architecture_is_read_from_the_checkpoint():
+    vit = model.load_vit(os.path.join(VIT, "dinov2_tiny_reg4.pth"), 224)
+    assert (vit.cfg.embed_dim, vit.cfg.depth, vit.cfg.patch_size, vit.cfg.num_registers) == (128, 3, 14, 4)
+    assert vit.blocks[0].attn.num_heads == 2 and vit.cfg.layerscale and vit.family == "dinov2_reg"
+    dino = model.load_vit(os.path.join(VIT, "dino_tiny16.pth"), 160)
+    assert dino.family == "dino" and not dino.cfg.layerscale and dino.pos_embed.shape == (1, 101, 128)
+
+
+@pytest.fixture
+def verifier():
+    torch.manual_seed(0)
+    m = model.TwinVerifier(model.load_vit(TINY_ARCH, 56), num_classes=7, deep_prompts=2).eval()
+    # non-trivial trained-like weights, so a broken path cannot hide behind zeros
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.2)
+    return m
+
+
+def test_no_identity_in_any_inference_signature(verifier):
+    for fn in (verifier.encode, verifier.score_prompts, verifier.score_pairs, verifier.pair_maps, verifier.forward):
+        params = set(inspect.signature(fn).parameters)
+        assert not params & {"label", "labels", "identity", "person", "person_id", "class_idx", "y"}, fn
+
+
+def test_pair_score_is_a_function_of_the_two_images(verifier):
+    torch.manual_seed(1)
+    x = torch.randn(6, 3, 56, 56)
+    with torch.no_grad():
+        _, pair_scores, _ = verifier(x)  # uncached: the training forward
+        enc = verifier.encode(x)
+        a, b = torch.tensor([0, 1, 2, 3, 4]), torch.tensor([1, 2, 3, 4, 5])
+        cached = verifier.score_pairs(enc, a, b)
+        torch.testing.assert_close(cached, pair_scores[a, b], atol=1e-5, rtol=0)
+        torch.testing.assert_close(verifier.score_pairs(enc, b, a), cached, atol=1e-5, rtol=0)  # symmetric
+        # the same pair encoded among other images, or alone, scores the same
+        alone = verifier.score_pairs(verifier.encode(x[[0, 1]]), [0], [1])
+        torch.testing.assert_close(alone, cached[:1], atol=1e-5, rtol=0)
+        others = torch.cat([torch.randn(3, 3, 56, 56), x[[0, 1]]])
+        torch.testing.assert_close(verifier.score_pairs(verifier.encode(others), [3], [4]), cached[:1],
+                                   atol=1e-5, rtol=0)
+        # changing one image changes the score
+        changed = x.clone()
+        changed[1, :, 10:30, 10:30] += 2.0
+        assert abs(float(verifier.score_pairs(verifier.encode(changed[[0, 1]]), [0], [1])) - float(cached[0])) > 1e-3
+        # the map path (explicit softmax) and the fused path agree, and maps are distributions
+        prompts = verifier.class_prompts.expand(6, -1, -1)
+        fused, none = verifier.score_prompts(prompts, enc)
+        explicit, maps = verifier.score_prompts(prompts, enc, need_maps=True)
+        assert none is None and maps.shape == (6, 2, 7, 16)
+        torch.testing.assert_close(fused, explicit, atol=1e-5, rtol=0)
+        assert (maps.sum(-1) <= 1 + 1e-5).all() and (maps >= 0).all()
+        score, pair_maps = verifier.pair_maps(enc[0], enc[1])
+        assert score == pytest.approx(float(cached[0]), abs=1e-5)
+        assert set(pair_maps) == {"self_a", "cross_b_on_a", "cross_a_on_b", "self_b"}
+
+
+def test_prompts_never_attend_to_each_other(verifier):
+    """A prompt's score does not depend on which other prompts are scored with it."""
+    torch.manual_seed(2)
+    enc = verifier.encode(torch.randn(1, 3, 56, 56))
+    with torch.no_grad():
+        together, _ = verifier.score_prompts(verifier.class_prompts[None], enc)
+        alone = torch.stack([verifier.score_prompts(verifier.class_prompts[None, c:c + 1], enc)[0][0, 0]
+                             for c in range(7)])
+    torch.testing.assert_close(together[0], alone, atol=1e-5, rtol=0)
+
+
+def test_blur_of_all_heads_gives_uniform_patch_maps(verifier):
+    enc = verifier.encode(torch.randn(1, 3, 56, 56))
+    with torch.no_grad():
+        _, maps = verifier.score_prompts(verifier.class_prompts[None, :2], enc,
+                                         blurred_heads=torch.tensor([True, False]))
+    blurred = maps[0, 0]
+    torch.testing.assert_close(blurred, blurred[:, :1].expand_as(blurred))
+    assert not torch.allclose(maps[0, 1], maps[0, 1][:, :1].expand_as(maps[0, 1]))
+
+
+def test_backbone_is_frozen_and_gets_no_gradient(verifier):
+    verifier.train()
+    frozen = [p for p in verifier.vit.parameters()]
+    assert all(not p.requires_grad for p in frozen)
+    class_scores, pair_scores, prompts = verifier(torch.randn(4, 3, 56, 56))
+    (class_scores.sum() + pair_scores.sum() + prompts.sum()).backward()
+    assert all(p.grad is None for p in frozen)
+    assert verifier.deep_prompts.grad is not None and verifier.class_prompts.grad is not None
+    n_train = sum(p.numel() for p in verifier.parameters() if p.requires_grad)
+    assert f"{n_train:,} trainable" in verifier.summary()
+    names = set(verifier.trainable_state())
+    assert names == {"deep_prompts", "class_prompts", "score_w"} | {f"generator.{n}" for n, _ in
+                                                                    verifier.generator.named_parameters()}
+
+
+def test_last_blocks_trainable_on_request():
+    m = model.TwinVerifier(model.load_vit(TINY_ARCH, 56), 3, train_blocks=1)
+    assert all(p.requires_grad for p in m.vit.blocks[-1].parameters())
+    assert not any(p.requires_grad for p in m.vit.blocks[0].parameters())
+
+
+def test_bad_backbone_inputs(tmp_path):
+    with pytest.raises(ValueError, match="unknown backbone 'dinov3_huge'"):
+        model.load_vit("dinov3_huge", 224)
+    with pytest.raises(ValueError, match="not a multiple of the patch size 14"):
+        model.load_vit(TINY_ARCH, 100)
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(open(TINY_ARCH, "rb").read()[:5000])
+    with pytest.raises(ValueError, match="truncated.pth: not a readable PyTorch checkpoint"):
+        model.load_vit(str(truncated), 224)
+    foreign = tmp_path / "resnet.pth"
+    torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7)}, foreign)
+    with pytest.raises(ValueError, match="not a DINO/DINOv2 ViT checkpoint"):
+        model.load_vit(str(foreign), 224)
+    broken = torch.load(TINY_ARCH, weights_only=True)
+    del broken["blocks.1.mlp.fc2.bias"]
+    broken["blocks.0.attn.qkv.weight"] = torch.zeros(10, 128)
+    torch.save(broken, tmp_path / "broken.pth")
+    with pytest.raises(ValueError) as err:
+        model.load_vit(str(tmp_path / "broken.pth"), 224)
+    assert "missing key blocks.1.mlp.fc2.bias" in str(err.value)
+    assert "blocks.0.attn.qkv.weight: shape (10, 128), expected (384, 128)" in str(err.value)

@@ -1,0 +1,222 @@
+import glob
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT, run_py, tiny_config
+
+
+def trainable(path):
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+def test_config_errors_come_before_any_work(tmp_path, synth_dir):
+    cfg = tiny_config(tmp_path, synth_dir)
+    cases = [(["--cfg", cfg, "--learning_rate", "1"], "unknown config key 'learning_rate'"),
+             (["--cfg", cfg, "--epochs", "three"], "config key 'epochs' needs a int, got 'three'"),
+             (["--cfg", cfg, "--tracker", "tensorboard"], "'tracker' must be one of"),
+             (["--cfg", str(tmp_path / "nope.yaml")], "nope.yaml: config file not found"),
+             (["--cfg", cfg, "--time-budget", "soon"], "--time-budget: cannot read 'soon'")]
+    (tmp_path / "typo.yaml").write_text("epochz: 3\n")
+    cases.append((["--cfg", str(tmp_path / "typo.yaml")], "typo.yaml: unknown config key 'epochz'"))
+    for args, message in cases:
+        proc = run_py(["train.py", *args], check=False)
+        assert proc.returncode != 0 and message in proc.stderr, (args, proc.stderr[-500:])
+    assert not os.path.exists(tmp_path / "run") and not os.path.exists(tmp_path / "cache")
+
+
+def test_sigkill_mid_epoch_then_resume_auto_matches_an_uninterrupted_run(tmp_path, synth_dir):
+    straight = tmp_path / "straight"
+    straight.mkdir()
+    run_py(["train.py", "--cfg", tiny_config(straight, synth_dir)])
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    cfg = tiny_config(killed, synth_dir)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "train.py", "--cfg", cfg], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    seen = []
+    for line in proc.stdout:  # kill once epoch 2 is under way (epoch 1's checkpoint is on disk)
+        seen.append(line)
+        if line.startswith("epoch 2/3 ["):
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "".join(seen)
+    first = torch.load(killed / "run" / "last.pt", weights_only=True)
+    assert first["epoch"] == 0
+    out = run_py(["train.py", "--cfg", cfg, "--resume", "auto"]).stdout
+    assert "resumed" in out and "epoch 2/3" in out and "epoch 1/3 |" not in out
+    a = torch.load(straight / "run" / "last.pt", weights_only=True)
+    b = torch.load(killed / "run" / "last.pt", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 2 and a["step"] == b["step"]
+    assert a["val"] == b["val"] and a["best_eer"] == b["best_eer"] and a["threshold"] == b["threshold"]
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+def test_resume_with_another_config_is_refused(trained_run):
+    tmp, cfg = trained_run
+    proc = run_py(["train.py", "--cfg", cfg, "--resume", f"{tmp}/run/last.pt", "--img_size", "112",
+                   "--epochs", "3"], check=False)
+    assert proc.returncode != 0
+    assert "was trained with another config" in proc.stderr and "img_size: 56 in the checkpoint, 112 now" in proc.stderr
+    proc = run_py(["train.py", "--resume", f"{tmp}/run/nothing.pt"], check=False)
+    assert "--resume " in proc.stderr and "no such file" in proc.stderr
+
+
+def test_a_failed_save_leaves_the_previous_checkpoint_intact(trained_run):
+    tmp, _ = trained_run
+    last = f"{tmp}/run/last.pt"
+    before = open(last, "rb").read()
+    # a file-size limit makes writes fail like a full disk (EFBIG instead of ENOSPC)
+    code = ("import resource, signal, sys, torch; sys.path.insert(0, '.'); import train; "
+            "signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096)); "
+            f"train.save_checkpoint({{'x': torch.zeros(100000)}}, {last!r})")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode != 0 and f"could not save {last}" in proc.stderr
+    assert "the previous last.pt is intact" in proc.stderr
+    assert open(last, "rb").read() == before and not os.path.exists(last + ".tmp")
+    assert torch.load(last, weights_only=True)["epoch"] == 1
+
+
+# Reports every file a non-zero rank creates, changes or removes under the run's folder or the repo
+# (torch's own scratch files in the system temp dir are not the project's output).
+AUDIT = """
+import os, sys
+rank = os.environ.get("RANK", "0")
+roots = tuple(os.environ["AUDIT_ROOTS"].split(":"))
+def hook(event, args):
+    if rank == "0" or not args or not isinstance(args[0], str):
+        return
+    path = os.path.abspath(args[0])
+    if not path.startswith(roots):
+        return
+    if event == "open" and args[1] and any(c in args[1] for c in "wax+"):
+        sys.stderr.write(f"RANK{rank}-WROTE {path}\\n")
+    elif event in ("os.rename", "os.replace", "os.mkdir", "os.remove"):
+        sys.stderr.write(f"RANK{rank}-WROTE {event} {path}\\n")
+sys.addaudithook(hook)
+"""
+
+
+def test_torchrun_two_processes_agree_and_only_rank0_writes(tmp_path, synth_dir):
+    (tmp_path / "audit").mkdir()
+    (tmp_path / "audit" / "sitecustomize.py").write_text(AUDIT)
+    cfg = tiny_config(tmp_path, synth_dir, epochs=2)
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "audit"), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+           "AUDIT_ROOTS": f"{tmp_path}:{ROOT}"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(free_port()), "train.py", "--cfg", cfg], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-3000:]
+    assert "trainable weights identical on all 2 ranks" in output
+    assert "RANK1-WROTE" not in output, [line for line in output.splitlines() if "RANK1-WROTE" in line]
+    assert output.count("epoch 2/2 |") == 1  # only rank 0 logs
+    ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert len(ckpt["rng"]) == 2 and not torch.equal(ckpt["rng"][0]["augment"], ckpt["rng"][1]["augment"])
+    assert sorted(os.listdir(tmp_path / "run")) in (["best.pt", "last.pt"], ["last.pt"])
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    port = free_port()
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                               "--backend-store-uri", f"sqlite:///{tmp_path}/mlflow.db",
+                               "--default-artifact-root", str(tmp_path / "artifacts"), "--workers", "1"],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    import urllib.request
+    while True:
+        try:
+            urllib.request.urlopen(uri + "/health", timeout=2)
+            break
+        except OSError:
+            if time.time() > deadline or server.poll() is not None:
+                os.killpg(server.pid, signal.SIGTERM)
+                pytest.fail("mlflow server did not start")
+            time.sleep(1)
+    yield uri
+    os.killpg(server.pid, signal.SIGTERM)
+    server.wait(timeout=30)
+
+
+def test_mlflow_metrics_read_back_and_resume_continues_the_same_run(tmp_path, synth_dir, mlflow_server):
+    cfg = tiny_config(tmp_path, synth_dir, epochs=2, tracker="mlflow", mlflow_uri=mlflow_server,
+                      mlflow_experiment="twins-test")
+    run_py(["train.py", "--cfg", cfg])
+    run_py(["train.py", "--cfg", cfg, "--epochs", "3", "--resume", "auto"])
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(mlflow_server)
+    experiment = client.get_experiment_by_name("twins-test")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_eer")] == [0, 1, 2]
+    assert run.data.params["img_size"] == "56" and run.info.status == "FINISHED"
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["tracker_run_id"] == run.info.run_id
+
+
+def wandb_records(path):
+    """Records of an offline W&B run file (LevelDB log blocks of protobuf records)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+    raw, pos, block, buf = open(path, "rb").read(), 7, 32768, b""
+    while pos + 7 <= len(raw):
+        left = block - pos % block
+        if left < 7:
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", raw[pos:pos + 7])
+        buf += raw[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # a full record, or the last piece of one
+            record = pb.Record()
+            record.ParseFromString(buf)
+            yield record
+            buf = b""
+
+
+def test_wandb_offline_run_files_read_back_and_resume_the_same_run(tmp_path, synth_dir):
+    cfg = tiny_config(tmp_path, synth_dir, epochs=2, tracker="wandb", wandb_project="twins-test")
+    env = {"WANDB_MODE": "offline", "WANDB_API_KEY": "", "WANDB_SILENT": "true"}
+    run_py(["train.py", "--cfg", cfg], env=env)
+    run_py(["train.py", "--cfg", cfg, "--epochs", "3", "--resume", "auto"], env=env)
+    run_id = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["tracker_run_id"]
+    files = sorted(glob.glob(str(tmp_path / "run" / "wandb" / "offline-run-*" / "run-*.wandb")))
+    assert len(files) == 2 and all(f.endswith(f"run-{run_id}.wandb") for f in files)
+    epochs = []
+    for f in files:
+        for record in wandb_records(f):
+            if record.WhichOneof("record_type") == "history":
+                items = {i.key: json.loads(i.value_json) for i in record.history.item}
+                epochs.append(items["epoch"])
+                assert 0 <= items["val_eer"] <= 1 and items["images_per_s"] > 0
+    assert epochs == [0, 1, 2]
+
+
+def test_a_tracker_that_fails_warns_once_and_training_goes_on(tmp_path, synth_dir):
+    cfg = tiny_config(tmp_path, synth_dir, epochs=1, tracker="mlflow", mlflow_uri=f"http://127.0.0.1:{free_port()}")
+    proc = run_py(["train.py", "--cfg", cfg], env={"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"})
+    assert proc.stderr.count("mlflow tracking unavailable") == 1
+    assert os.path.exists(tmp_path / "run" / "last.pt")
+    proc = run_py(["train.py", "--cfg", cfg, "--tracker", "wandb", "--out_dir", str(tmp_path / "run2")],
+                  env={"WANDB_MODE": "", "WANDB_API_KEY": ""})
+    assert "no W&B API key" in proc.stderr and os.path.exists(tmp_path / "run2" / "last.pt")
