@@ -50,9 +50,11 @@ def data_loading(args):
     order = torch.randperm(len(cache), generator=gen)
     bs = args.batch_size
 
-    def from_cache():
+    def from_cache(augment):
         for i in range(args.batches):
-            data.augment(cache[order[(i * bs) % (len(cache) - bs):][:bs]], gen)
+            batch = cache[order[(i * bs) % (len(cache) - bs):][:bs]]
+            if augment:
+                data.augment(batch, gen)
 
     class Decoding(torch.utils.data.Dataset):
         def __len__(self):
@@ -64,26 +66,28 @@ def data_loading(args):
     loader = torch.utils.data.DataLoader(Decoding(), batch_size=bs, shuffle=True, num_workers=os.cpu_count(),
                                          persistent_workers=True, drop_last=True)
 
-    def from_loader():
+    def from_loader(augment):
         done = 0
         while done < args.batches:
             for batch in loader:
-                data.augment(batch, gen)
+                if augment:
+                    data.augment(batch, gen)
                 done += 1
                 if done == args.batches:
                     break
 
-    results = {}
-    for name, run in (("cache + device augmentation", from_cache), ("PIL-decoding DataLoader + same augmentation",
-                                                                    from_loader)):
-        run()  # warm-up: worker start, allocator
-        t = time.perf_counter()
-        run()
-        results[name] = args.batches * bs / (time.perf_counter() - t)
-        print(f"{name:45s} {results[name]:8.0f} images/s")
-    first, second = results.values()
-    print(f"ratio {first / second:.1f}x ({args.size}px, batch {bs}, {os.cpu_count()} CPU cores, "
-          f"{torch.get_num_threads()} torch threads, {os.cpu_count()} loader workers)")
+    print(f"{args.size}px, batch {bs}, {os.cpu_count()} CPU cores, {torch.get_num_threads()} torch threads, "
+          f"{os.cpu_count()} loader workers")
+    for augment in (False, True):
+        rates = []
+        for run in (from_cache, from_loader):
+            run(augment)  # warm-up: worker start, allocator
+            t = time.perf_counter()
+            run(augment)
+            rates.append(args.batches * bs / (time.perf_counter() - t))
+        what = "with augmentation" if augment else "batches only     "
+        print(f"{what}: cache indexing {rates[0]:8.0f} images/s, PIL-decoding DataLoader {rates[1]:6.0f} images/s, "
+              f"ratio {rates[0] / rates[1]:.1f}x")
 
 
 def main():

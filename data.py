@@ -293,7 +293,7 @@ def augment(images, gen, hflip=False):
 
 # ---------------------------------------------------------------- synthetic twins
 
-DEMO_SHAPE = {"train": (59, 1, 6), "test": (8, 0, 8)}  # (twin pairs, triplets, images per person)
+DEMO_SHAPE = {"train": (100, 1, 8), "test": (16, 0, 6)}  # (twin pairs, triplets, images per person)
 
 
 def synth_structure(shape, structure_file):
@@ -336,7 +336,9 @@ def _person_traits(rng, n=3):
 def _draw_face(look, traits, rng, size):
     """One photo: the shared look, the person's marks, and a new pose, light and expression."""
     S = 2 * size  # draw at 2x and downsample, for smooth edges
-    bg = tuple(int(c) for c in rng.integers(60, 200, 3))
+    # a controlled setting, as for ND TWIN: a similar grey background and light in every photo
+    grey = int(rng.integers(120, 150))
+    bg = tuple(grey + int(c) for c in rng.integers(-8, 9, 3))
     im = Image.new("RGB", (S, S), bg)
     d = ImageDraw.Draw(im)
     P = lambda x, y: (x * S, y * S)  # noqa: E731
@@ -359,7 +361,7 @@ def _draw_face(look, traits, rng, size):
     angle, tx, ty = rng.uniform(-2, 2), rng.uniform(-0.015, 0.015) * S, rng.uniform(-0.015, 0.015) * S
     im = im.rotate(angle, resample=Image.BICUBIC, translate=(tx, ty), fillcolor=bg)
     im = im.filter(ImageFilter.GaussianBlur(rng.uniform(0, 1.2))).resize((size, size), Image.LANCZOS)
-    arr = np.asarray(im).astype(np.float32) * rng.uniform(0.8, 1.15) + rng.normal(0, 4, (size, size, 3))
+    arr = np.asarray(im).astype(np.float32) * rng.uniform(0.92, 1.08) + rng.normal(0, 3, (size, size, 3))
     im = Image.fromarray(arr.clip(0, 255).astype(np.uint8))
     a = math.radians(angle)  # where each mark ended up: PIL rotates counter-clockwise about the centre
     marks = []

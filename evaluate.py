@@ -44,10 +44,11 @@ def protocol_pairs(split, all_impostors=False):
 
 # ---------------------------------------------------------------- metrics (weighted, for the bootstrap)
 
-def roc(scores, genuine, weights=None):
-    """ROC points (far, tar, threshold) from the highest threshold down; tied scores make one point."""
+def roc(scores, genuine, weights=None, order=None):
+    """ROC points (far, tar, threshold) from the highest threshold down; tied scores make one point.
+    `order` (scores sorted descending) may be passed in when only the weights change (the bootstrap)."""
     w = np.ones(len(scores)) if weights is None else np.asarray(weights, dtype=np.float64)
-    order = np.argsort(-scores, kind="stable")
+    order = np.argsort(-scores, kind="stable") if order is None else order
     s, g, w = scores[order], genuine[order], w[order]
     tp, fp = np.cumsum(w * g), np.cumsum(w * ~g)
     last_of_tie = np.r_[s[1:] != s[:-1], True]
@@ -91,9 +92,9 @@ def accuracy(scores, genuine, threshold, weights=None):
     return float(np.sum(w * ((scores >= threshold) == genuine)) / np.sum(w))
 
 
-def metrics(scores, genuine, threshold, weights=None, fars=FARS[:3]):
+def metrics(scores, genuine, threshold, weights=None, fars=FARS[:3], order=None):
     n_imp = int((~genuine).sum())
-    far, tar, _ = roc(scores, genuine, weights)
+    far, tar, _ = roc(scores, genuine, weights, order)
     out = {"auc": auc(far, tar), "eer": eer(far, tar),
            "tar_at_far": {f"{f:g}": tar_at_far(far, tar, f, n_imp) for f in fars}}
     if threshold is not None:
@@ -106,13 +107,14 @@ def bootstrap(scores, genuine, fam_a, fam_b, n_families, threshold, fars, n_boot
     its family (or, for a cross-family pair, both of its families) was drawn."""
     rng = np.random.default_rng(seed)
     same = fam_a == fam_b
+    order = np.argsort(-scores, kind="stable")
     samples = []
     for _ in range(n_boot):
         drawn = np.bincount(rng.integers(0, n_families, n_families), minlength=n_families).astype(np.float64)
         w = np.where(same, drawn[fam_a], drawn[fam_a] * drawn[fam_b])
         if w[genuine].sum() == 0 or w[~genuine].sum() == 0:
             continue
-        samples.append(metrics(scores, genuine, threshold, w, fars))
+        samples.append(metrics(scores, genuine, threshold, w, fars, order))
 
     def interval(values):
         values = [v for v in values if v is not None]

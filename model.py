@@ -206,6 +206,8 @@ def load_vit(source, img_size, cache_dir=None):
         native_grid = math.isqrt(state["pos_embed"].shape[1] - 1)
     except (KeyError, ValueError, AttributeError) as e:
         raise ValueError(f"{source}: checkpoint is missing a ViT key or has a malformed one ({e!r})") from e
+    if native_grid ** 2 + 1 != state["pos_embed"].shape[1]:
+        raise ValueError(f"{source}: pos_embed holds {state['pos_embed'].shape[1]} positions, not CLS + a square grid")
     if img_size % patch:
         raise ValueError(f"img_size {img_size} is not a multiple of the patch size {patch} of {source}")
     registers = state["register_tokens"].shape[1] if "register_tokens" in state else 0
@@ -323,41 +325,33 @@ class TwinVerifier(nn.Module):
         _, keys, values = vit.blocks[-1].attn.split_heads(vit.blocks[-1].norm1(x))
         return Encoding(self.generator(x[:, 0], x[:, n_prefix:]), keys, values)
 
-    def score_prompts(self, prompts, enc: Encoding, blurred_heads=None, keep_patches=None, need_maps=False):
-        """s(p; x) for M prompts per image: prompts (B, M, D) against enc (B images) -> scores (B, M).
+    def score_prompts(self, prompts, enc: Encoding, blurred_heads=None, keep_patches=None):
+        """s(p; x) for M prompts per image: prompts (B, M, D) against enc (B images).
 
-        Each prompt attends to itself and the image's tokens, never to another prompt. With need_maps,
-        blurred_heads (heads,) bool or keep_patches (B, patches) bool, attention is computed explicitly
-        and returned as (B, heads, M, patches); otherwise the fused kernel runs and maps are None.
+        Each prompt attends to itself and to the image's tokens, never to another prompt: M queries
+        against 1 + N keys, so the scores are formed explicitly (a fused kernel would need the M prompts as
+        keys too, masked, at M x (M + N) cost). Returns scores (B, M) and the attention over the patches
+        (B, heads, M, patches). blurred_heads (heads,) bool: those heads' patch attention made uniform with
+        the same mass (Prompt-CAM's blur). keep_patches (B, patches) bool: the others are hidden.
         """
         block, vit = self.vit.blocks[-1], self.vit
         B, M, D = prompts.shape
         q, k, v = block.attn.split_heads(block.norm1(prompts))
-        keys, values = torch.cat([k, enc.keys], 2), torch.cat([v, enc.values], 2)
-        allowed = torch.cat([torch.eye(M, dtype=torch.bool, device=prompts.device),
-                             torch.ones(M, enc.keys.shape[2], dtype=torch.bool, device=prompts.device)], 1)
-        maps = None
-        if need_maps or blurred_heads is not None or keep_patches is not None:
-            logits = (q @ keys.transpose(-1, -2)) * q.shape[-1] ** -0.5
-            logits = logits.masked_fill(~allowed, float("-inf"))
-            first_patch = M + vit.num_prefix
-            if keep_patches is not None:
-                dropped = F.pad(~keep_patches, (first_patch, 0))[:, None, None, :]
-                logits = logits.masked_fill(dropped, float("-inf"))
-            attn = logits.softmax(-1)
-            if blurred_heads is not None:  # Prompt-CAM's blur: a head's patch map made uniform, same mass
-                patch_attn = attn[..., first_patch:]
-                uniform = patch_attn.sum(-1, keepdim=True) / patch_attn.shape[-1]
-                patch_attn = torch.where(blurred_heads[None, :, None, None], uniform.expand_as(patch_attn),
-                                         patch_attn)
-                attn = torch.cat([attn[..., :first_patch], patch_attn], -1)
-            maps = attn[..., first_patch:]
-            out = attn @ values
-        else:
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed)
+        logits = torch.cat([(q * k).sum(-1, keepdim=True), q @ enc.keys.transpose(-1, -2)], -1) * q.shape[-1] ** -0.5
+        first_patch = 1 + vit.num_prefix  # columns: the prompt itself, CLS, registers, patches
+        if keep_patches is not None:
+            hidden = F.pad(~keep_patches, (first_patch, 0))[:, None, None, :]
+            logits = logits.masked_fill(hidden, float("-inf"))
+        attn = logits.softmax(-1)
+        if blurred_heads is not None:
+            patch_attn = attn[..., first_patch:]
+            uniform = patch_attn.sum(-1, keepdim=True).expand_as(patch_attn) / patch_attn.shape[-1]
+            patch_attn = torch.where(blurred_heads[None, :, None, None], uniform, patch_attn)
+            attn = torch.cat([attn[..., :first_patch], patch_attn], -1)
+        out = attn[..., :1] * v + attn[..., 1:] @ enc.values
         h = prompts + block.ls1(block.attn.proj(out.transpose(1, 2).reshape(B, M, D)))
         h = block.mlp_residual(h)
-        return vit.norm(h) @ self.score_w, maps
+        return vit.norm(h) @ self.score_w, attn[..., first_patch:]
 
     def forward(self, images):
         """Training view: scores of every training identity's prompt and of every image's generated
@@ -393,8 +387,8 @@ class TwinVerifier(nn.Module):
         """Per-head attention of p(A) and p(B) on A and on B, each (heads, grid, grid), and the pair score."""
         prompts = torch.stack([enc_a.prompt, enc_b.prompt])[None]  # (1, 2, D): [p(A), p(B)]
         grid = self.vit.grid
-        on_a_s, on_a = self.score_prompts(prompts, enc_a[None], blurred_heads, need_maps=True)
-        on_b_s, on_b = self.score_prompts(prompts, enc_b[None], blurred_heads, need_maps=True)
+        on_a_s, on_a = self.score_prompts(prompts, enc_a[None], blurred_heads)
+        on_b_s, on_b = self.score_prompts(prompts, enc_b[None], blurred_heads)
         shape = (self.num_heads, grid, grid)
         maps = {"self_a": on_a[0, :, 0].reshape(shape), "cross_b_on_a": on_a[0, :, 1].reshape(shape),
                 "cross_a_on_b": on_b[0, :, 0].reshape(shape), "self_b": on_b[0, :, 1].reshape(shape)}

@@ -81,9 +81,9 @@ class WandbTracker(Tracker):
                 raise RuntimeError("no W&B API key: set WANDB_API_KEY, attach a Kaggle secret named "
                                    "WANDB_API_KEY, or set WANDB_MODE=offline")
             os.environ["WANDB_API_KEY"] = key  # this process only; never written to disk
+        # id None starts a new run; its id goes into the checkpoint and is resumed from there
         self.run = wandb.init(project=cfg["wandb_project"], entity=cfg["wandb_entity"] or None,
-                              name=cfg["run_name"] or None, id=run_id or wandb.util.generate_id(),
-                              resume="allow", dir=cfg["out_dir"], config=cfg)
+                              name=cfg["run_name"] or None, id=run_id, resume="allow", dir=cfg["out_dir"], config=cfg)
         self.run.define_metric("epoch")
         self.run.define_metric("*", step_metric="epoch")
         self.run_id = self.run.id

@@ -277,31 +277,21 @@ def main(argv=None):
     train_split, val_split = data.hold_out_families(split, 0 if cfg["full"] else cfg["val_families"], cfg["seed"])
     if ckpt and ckpt["class_ids"] != train_split.ids:
         raise SystemExit(f"{resume_path}: the training identities differ from the checkpoint's")
-    if master:
-        data.build_cache(split.paths, cfg["img_size"], cfg["cache_dir"])
-    if ddp:
-        dist.barrier()
-    all_images = data.build_cache(split.paths, cfg["img_size"], cfg["cache_dir"], verbose=False)
+    all_images = rank0_first(lambda: data.build_cache(split.paths, cfg["img_size"], cfg["cache_dir"], master), ddp)
     index = {p: i for i, p in enumerate(split.paths)}
     train_images = all_images[[index[p] for p in train_split.paths]]
     val_images = all_images[[index[p] for p in val_split.paths]] if val_split else None
-    on_gpu = device.type == "cuda" and (cfg["cache_device"] == "cuda" or cfg["cache_device"] == "auto" and
-                                        train_images.nbytes < 0.25 * torch.cuda.get_device_properties(device).total_memory)
-    train_images = train_images.to(device) if on_gpu else train_images.pin_memory() if device.type == "cuda" else train_images
+    if device.type == "cuda":  # index the cache on the GPU, or in pinned RAM when it would crowd the GPU
+        fits = train_images.nbytes < 0.25 * torch.cuda.get_device_properties(device).total_memory
+        on_gpu = cfg["cache_device"] == "cuda" or (cfg["cache_device"] == "auto" and fits)
+        train_images = train_images.to(device) if on_gpu else train_images.pin_memory()
     labels = train_split.person.to(device)
     K = cfg["images_per_person"]
 
     # ---- model, optimiser, schedule
     torch.manual_seed(cfg["seed"])
-    if master:  # downloads the backbone once
-        raw = build_verifier(cfg["arch"], cfg["img_size"], len(train_split.ids), cfg["deep_prompts"],
-                             cfg["train_blocks"], cfg["weights_dir"] or None)
-    if ddp:
-        dist.barrier()
-    if not master:
-        raw = build_verifier(cfg["arch"], cfg["img_size"], len(train_split.ids), cfg["deep_prompts"],
-                             cfg["train_blocks"], cfg["weights_dir"] or None)
-    raw.to(device)
+    raw = rank0_first(lambda: build_verifier(cfg["arch"], cfg["img_size"], len(train_split.ids), cfg["deep_prompts"],
+                                             cfg["train_blocks"], cfg["weights_dir"] or None), ddp).to(device)
     log(raw.summary())
     batch_size = cfg["batch_size"]
     if batch_size == "auto":
@@ -318,7 +308,9 @@ def main(argv=None):
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(warmup, 1)) * 0.5 * (
         1 + math.cos(math.pi * min(1.0, max(0, s - warmup) / max(total - warmup, 1)))))
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    model = DDP(raw, device_ids=[device.index] if device.type == "cuda" else None) if ddp else raw
+    # one static graph, gradients reduced in place in their buckets (no copy per step)
+    model = DDP(raw, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True,
+                static_graph=True) if ddp else raw
     if use_compile:
         model = torch.compile(model)
     gen = torch.Generator(device=device).manual_seed(cfg["seed"] * 1000 + rank)
@@ -431,6 +423,19 @@ def main(argv=None):
     tracker.finish()
     if ddp:
         dist.destroy_process_group()
+
+
+def rank0_first(make, ddp):
+    """make() on rank 0, then on the others: one process downloads or decodes, the rest read its result."""
+    if not ddp:
+        return make()
+    if dist.get_rank() == 0:
+        result = make()
+    dist.barrier()
+    if dist.get_rank() != 0:
+        result = make()
+    dist.barrier()
+    return result
 
 
 def check_ranks_agree(raw, ddp, world, log):

@@ -71,13 +71,19 @@ def test_pair_score_is_a_function_of_the_two_images(verifier):
         changed = x.clone()
         changed[1, :, 10:30, 10:30] += 2.0
         assert abs(float(verifier.score_pairs(verifier.encode(changed[[0, 1]]), [0], [1])) - float(cached[0])) > 1e-3
-        # the map path (explicit softmax) and the fused path agree, and maps are distributions
+        # prompt rows equal the full last block run on [prompt; image tokens] with prompts kept apart
         prompts = verifier.class_prompts.expand(6, -1, -1)
-        fused, none = verifier.score_prompts(prompts, enc)
-        explicit, maps = verifier.score_prompts(prompts, enc, need_maps=True)
-        assert none is None and maps.shape == (6, 2, 7, 16)
-        torch.testing.assert_close(fused, explicit, atol=1e-5, rtol=0)
-        assert (maps.sum(-1) <= 1 + 1e-5).all() and (maps >= 0).all()
+        rows, maps = verifier.score_prompts(prompts, enc)
+        assert maps.shape == (6, 2, 7, 16) and (maps >= 0).all() and (maps.sum(-1) <= 1 + 1e-5).all()
+        vit = verifier.vit
+        x = vit.embed(x)
+        n_prefix, n_deep = vit.num_prefix, verifier.deep_prompts.shape[1]
+        for block, deep in zip(vit.blocks[:-1], verifier.deep_prompts):
+            x = block(torch.cat([x[:, :n_prefix], deep.expand(6, -1, -1), x[:, n_prefix:]], 1))
+            x = torch.cat([x[:, :n_prefix], x[:, n_prefix + n_deep:]], 1)
+        for c in range(7):  # one prompt at a time through the unmodified block, as Prompt-CAM computes it
+            full = vit.norm(vit.blocks[-1](torch.cat([prompts[:, c:c + 1], x], 1)))[:, 0] @ verifier.score_w
+            torch.testing.assert_close(rows[:, c], full, atol=1e-4, rtol=0)
         score, pair_maps = verifier.pair_maps(enc[0], enc[1])
         assert score == pytest.approx(float(cached[0]), abs=1e-5)
         assert set(pair_maps) == {"self_a", "cross_b_on_a", "cross_a_on_b", "self_b"}

@@ -206,7 +206,7 @@ def test_wandb_offline_run_files_read_back_and_resume_the_same_run(tmp_path, syn
     for f in files:
         for record in wandb_records(f):
             if record.WhichOneof("record_type") == "history":
-                items = {i.key: json.loads(i.value_json) for i in record.history.item}
+                items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
                 epochs.append(items["epoch"])
                 assert 0 <= items["val_eer"] <= 1 and items["images_per_s"] > 0
     assert epochs == [0, 1, 2]
