@@ -220,3 +220,13 @@ def test_a_tracker_that_fails_warns_once_and_training_goes_on(tmp_path, synth_di
     proc = run_py(["train.py", "--cfg", cfg, "--tracker", "wandb", "--out_dir", str(tmp_path / "run2")],
                   env={"WANDB_MODE": "", "WANDB_API_KEY": ""})
     assert "no W&B API key" in proc.stderr and os.path.exists(tmp_path / "run2" / "last.pt")
+
+
+def test_time_budget_stops_cleanly_after_a_saved_epoch(tmp_path, synth_dir):
+    cfg = tiny_config(tmp_path, synth_dir, epochs=4)
+    out = run_py(["train.py", "--cfg", cfg, "--time-budget", "1s"]).stdout
+    assert "time budget 1s: stopping before epoch 2" in out and "epoch 2/4 |" not in out
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["epoch"] == 0
+    out = run_py(["train.py", "--cfg", cfg, "--resume", "auto", "--time-budget", "1h"]).stdout
+    assert "epoch 2/4 |" in out and "epoch 4/4 |" in out
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["epoch"] == 3
