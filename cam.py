@@ -111,8 +111,9 @@ def figure(image_a, image_b, name_a, name_b, score, threshold, heads, maps, pane
         tiles.append(plots.colour_bar(panel + 18, -contrast_max, contrast_max, plots.DIVERGING, "self-cross"))
         body = plots.row(tiles, gap=4)
         label = Image.new("RGB", (body.width, 20), "white")
-        ImageDraw.Draw(label).text((4, 3), f"head {h} (rank {rank + 1} by greedy blur)", fill="black",
-                                   font=plots.font(13))
+        on_faces = (maps["cross_a_on_b"][h].sum() + maps["cross_b_on_a"][h].sum()) / 2
+        ImageDraw.Draw(label).text((4, 3), f"head {h} (rank {rank + 1} by greedy blur): {on_faces:.1%} of the prompts' "
+                                   f"attention on the other face's patches", fill="black", font=plots.font(13))
         rows += [label, body]
     verdict = "no threshold" if threshold is None else ("same" if score >= threshold else "different")
     header_text = (f"A: {name_a}    B: {name_b}\npair score {score:+.4f}   threshold "

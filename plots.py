@@ -37,8 +37,8 @@ def colour_bar(height, vmin, vmax, cmap, label, width=70):
     ramp = colourize(np.linspace(1, 0, height - 30)[:, None].repeat(14, 1), cmap)
     bar.paste(Image.fromarray(ramp), (4, 15))
     d = ImageDraw.Draw(bar)
-    d.text((20, 10), f"{vmax:+.3f}" if vmin < 0 else f"{vmax:.3f}", fill="black", font=font(11))
-    d.text((20, height - 28), f"{vmin:+.3f}" if vmin < 0 else f"{vmin:.3f}", fill="black", font=font(11))
+    d.text((20, 10), f"{vmax:+.3g}" if vmin < 0 else f"{vmax:.3g}", fill="black", font=font(11))
+    d.text((20, height - 28), f"{vmin:+.3g}" if vmin < 0 else f"{vmin:.3g}", fill="black", font=font(11))
     d.text((20, height // 2 - 6), label, fill="black", font=font(11))
     return bar
 
