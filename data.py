@@ -64,7 +64,7 @@ class Split:
 
 
 def remap_path(path, path_remap):
-    """'OLD=NEW' rewrites a leading OLD (paths made on another machine, e.g. /kaggle/input/...)."""
+    """'OLD=NEW' rewrites a leading OLD: info files list paths from the machine that made them."""
     if not path_remap:
         return path
     old, new = path_remap.split("=", 1)
