@@ -139,14 +139,16 @@ def pick_pairs(split, n):
     return chosen
 
 
-def test_split(ckpt, args):
+def test_images(ckpt, args):
+    """The test split (the checkpoint's, unless given) and its uint8 image cache at the model's size."""
     cfg = ckpt["config"]
-    return data.load_split(args.test_info or cfg["test_info"], args.test_pairs or cfg["test_pairs"], cfg["path_remap"])
+    split = data.load_split(args.test_info or cfg["test_info"], args.test_pairs or cfg["test_pairs"],
+                            cfg["path_remap"])
+    return split, data.build_cache(split.paths, cfg["img_size"], cfg["cache_dir"])
 
 
 def gallery(model, ckpt, args, device):
-    split = test_split(ckpt, args)
-    images = data.build_cache(split.paths, ckpt["config"]["img_size"], ckpt["config"]["cache_dir"])
+    split, images = test_images(ckpt, args)
     os.makedirs(args.out, exist_ok=True)
     entries = []
     for i, (a, b, kind) in enumerate(pick_pairs(split, args.n)):
@@ -195,8 +197,7 @@ def faithfulness(model, ckpt, args, device, n_random=5):
     better), and how fast it returns when they are inserted in map order (lower area is better), against
     random orders. |score - full score| is used because a map's patches may carry evidence for "same"
     (genuine pairs) or against it (twin impostors): what matters is that the score depends on them."""
-    split = test_split(ckpt, args)
-    images = data.build_cache(split.paths, ckpt["config"]["img_size"], ckpt["config"]["cache_dir"])
+    split, images = test_images(ckpt, args)
     rng = np.random.default_rng(0)
     results = {k: [] for k in ("deletion_map", "deletion_random", "insertion_map", "insertion_random")}
     for a, b, _ in pick_pairs(split, args.n):
@@ -227,9 +228,8 @@ def trait_hits(model, ckpt, args, device):
     """Synthetic twins differ only in known marks: how often does a contrast map's peak patch hold one?"""
     with open(args.trait_hits) as f:
         marks = json.load(f)["marks"]
-    split = test_split(ckpt, args)
+    split, images = test_images(ckpt, args)
     size = ckpt["config"]["img_size"]
-    images = data.build_cache(split.paths, size, ckpt["config"]["cache_dir"])
     grid = model.vit.grid
     cell = size / grid
     hits = chance = total = 0

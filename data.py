@@ -99,14 +99,7 @@ def load_split(info_path, pairs_path, path_remap=""):
                 problems.append(f"{info_path}: {p} is listed twice (ids {seen[p]} and {pid})")
             seen[p] = pid
     index = {pid: i for i, pid in enumerate(ids)}
-    parent = list(range(len(ids)))  # union-find: twin pairs that share a person form one family
-
-    def root(i):
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
+    twin_pairs = []
     for pair in pairs:
         if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
             problems.append(f"{pairs_path}: {pair!r} is not a pair of two id strings")
@@ -116,7 +109,7 @@ def load_split(info_path, pairs_path, path_remap=""):
         if pair[0] == pair[1]:
             problems.append(f"{pairs_path}: {pair!r} pairs an id with itself")
         elif not missing:
-            parent[root(index[pair[0]])] = root(index[pair[1]])
+            twin_pairs.append((index[pair[0]], index[pair[1]]))
     paths, person = [], []
     for pid in ids:
         for p in info[pid]:
@@ -126,10 +119,26 @@ def load_split(info_path, pairs_path, path_remap=""):
                  if not os.path.isfile(p)]
     if problems:
         raise DataError(problems, f"data in {info_path} / {pairs_path}")
+    return Split(ids=ids, paths=paths, person=torch.tensor(person), families=twin_families(len(ids), twin_pairs))
+
+
+def twin_families(n, pairs):
+    """People 0..n-1 grouped by twin pairs (i, j) into families (pairs sharing a person merge: the triplet);
+    each family's members sorted, families ordered by their first member."""
+    parent = list(range(n))  # union-find
+
+    def root(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i, j in pairs:
+        parent[root(i)] = root(j)
     groups = {}
-    for i in range(len(ids)):
+    for i in range(n):
         groups.setdefault(root(i), []).append(i)
-    return Split(ids=ids, paths=paths, person=torch.tensor(person), families=sorted(groups.values()))
+    return sorted(groups.values())
 
 
 def hold_out_families(split, n_val, seed):
@@ -228,13 +237,16 @@ class FamilyBatches:
         self.families, self.images_of = split.families, split.images_of()
         self.K, self.F, self.seed, self.rank, self.world = images_per_person, families_per_batch, seed, rank, world
 
+    def rounds(self, family):
+        """Units a family contributes per epoch: enough for its member with the most images."""
+        return max(math.ceil(len(self.images_of[p]) / self.K) for p in family)
+
     def epoch(self, epoch):
         rng = np.random.default_rng([self.seed, epoch])
         order = {p: rng.permutation(imgs) for p, imgs in enumerate(self.images_of)}
         units = []
         for family in self.families:
-            rounds = max(math.ceil(len(self.images_of[p]) / self.K) for p in family)
-            for r in range(rounds):
+            for r in range(self.rounds(family)):
                 units.append(np.concatenate([np.take(order[p], range(r * self.K, (r + 1) * self.K), mode="wrap")
                                              for p in family]))
         units = [units[i] for i in rng.permutation(len(units))]
@@ -244,8 +256,7 @@ class FamilyBatches:
         return [torch.from_numpy(b) for b in batches[self.rank::self.world]]
 
     def __len__(self):
-        units = sum(max(math.ceil(len(self.images_of[p]) / self.K) for p in f) for f in self.families)
-        return math.ceil(units / (self.F * self.world))
+        return math.ceil(sum(map(self.rounds, self.families)) / (self.F * self.world))
 
 
 # ---------------------------------------------------------------- on-device augmentation
@@ -394,15 +405,13 @@ def synth(out_dir, shape="demo", size=112, seed=0, structure_file=None):
     all_marks, jobs, files = {}, [], {}
     for split, (images, pairs) in synth_structure(shape, structure_file).items():
         ids = sorted(images)
-        family_of = {pid: pid for pid in images}
-        for a, b in pairs:  # a family shares one look: the first id of the family keys it
-            fa, fb = family_of[a], family_of[b]
-            for pid, f in family_of.items():
-                if f == fb:
-                    family_of[pid] = fa
-        looks = {f: _family_look(rng) for f in sorted(set(family_of.values()))}
+        index = {pid: i for i, pid in enumerate(ids)}
+        look_of = {}  # a family shares one look
+        for family in twin_families(len(ids), [(index[a], index[b]) for a, b in pairs]):
+            look = _family_look(rng)
+            look_of.update({ids[p]: look for p in family})
         for pid in ids:
-            jobs.append((out_dir, pid, images[pid], looks[family_of[pid]], int(rng.integers(2**31)), size))
+            jobs.append((out_dir, pid, images[pid], look_of[pid], int(rng.integers(2**31)), size))
         files[split] = ({pid: [os.path.abspath(os.path.join(out_dir, "images", pid, n)) for n in images[pid]]
                          for pid in ids}, pairs)
     with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:

@@ -253,9 +253,6 @@ class Encoding:
     def __getitem__(self, index):
         return Encoding(self.prompt[index], self.keys[index], self.values[index])
 
-    def to(self, device):
-        return Encoding(self.prompt.to(device), self.keys.to(device), self.values.to(device))
-
     @staticmethod
     def cat(parts):
         return Encoding(*(torch.cat([getattr(p, f) for p in parts]) for f in ("prompt", "keys", "values")))
@@ -313,8 +310,8 @@ class TwinVerifier(nn.Module):
     def num_heads(self):
         return self.vit.blocks[-1].attn.num_heads
 
-    def encode(self, images) -> Encoding:
-        """Run blocks 1..L-1 once per image; keep what the last block needs: p(x), keys and values."""
+    def last_layer_input(self, images):
+        """Blocks 1..L-1 with their deep prompts (inserted after CLS/registers, dropped after each block)."""
         vit = self.vit
         x = vit.embed(images)
         n_prefix, n_deep = vit.num_prefix, self.deep_prompts.shape[1]
@@ -322,8 +319,14 @@ class TwinVerifier(nn.Module):
             x = torch.cat([x[:, :n_prefix], prompts.expand(len(x), -1, -1), x[:, n_prefix:]], dim=1)
             x = block(x)
             x = torch.cat([x[:, :n_prefix], x[:, n_prefix + n_deep:]], dim=1)
-        _, keys, values = vit.blocks[-1].attn.split_heads(vit.blocks[-1].norm1(x))
-        return Encoding(self.generator(x[:, 0], x[:, n_prefix:]), keys, values)
+        return x
+
+    def encode(self, images) -> Encoding:
+        """Run blocks 1..L-1 once per image; keep what the last block needs: p(x), keys and values."""
+        x = self.last_layer_input(images)
+        last = self.vit.blocks[-1]
+        _, keys, values = last.attn.split_heads(last.norm1(x))
+        return Encoding(self.generator(x[:, 0], x[:, self.vit.num_prefix:]), keys, values)
 
     def score_prompts(self, prompts, enc: Encoding, blurred_heads=None, keep_patches=None):
         """s(p; x) for M prompts per image: prompts (B, M, D) against enc (B images).

@@ -76,11 +76,7 @@ def test_pair_score_is_a_function_of_the_two_images(verifier):
         rows, maps = verifier.score_prompts(prompts, enc)
         assert maps.shape == (6, 2, 7, 16) and (maps >= 0).all() and (maps.sum(-1) <= 1 + 1e-5).all()
         vit = verifier.vit
-        x = vit.embed(x)
-        n_prefix, n_deep = vit.num_prefix, verifier.deep_prompts.shape[1]
-        for block, deep in zip(vit.blocks[:-1], verifier.deep_prompts):
-            x = block(torch.cat([x[:, :n_prefix], deep.expand(6, -1, -1), x[:, n_prefix:]], 1))
-            x = torch.cat([x[:, :n_prefix], x[:, n_prefix + n_deep:]], 1)
+        x = verifier.last_layer_input(x)
         for c in range(7):  # one prompt at a time through the unmodified block, as Prompt-CAM computes it
             full = vit.norm(vit.blocks[-1](torch.cat([prompts[:, c:c + 1], x], 1)))[:, 0] @ verifier.score_w
             torch.testing.assert_close(rows[:, c], full, atol=1e-4, rtol=0)
