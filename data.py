@@ -334,14 +334,20 @@ def _family_look(rng):
             "nose": rng.uniform(0.08, 0.13), "mouth_y": rng.uniform(0.66, 0.72), "mouth_w": rng.uniform(0.08, 0.14)}
 
 
-def _person_traits(rng, n=3):
-    """Small local marks, in face-relative coordinates: what alone tells identical twins apart."""
-    traits = []
-    while len(traits) < n:
-        x, y = rng.uniform(0.30, 0.70), rng.uniform(0.30, 0.78)
-        if all(math.hypot(x - a, y - b) > 0.16 for a, b, _ in traits):
-            traits.append((x, y, rng.uniform(0.04, 0.055)))
-    return traits
+# Where moles may sit, face-relative: forehead, cheeks, chin; clear of the eyes, brows, nose and mouth.
+MARK_SITES = [(0.41, 0.27), (0.50, 0.25), (0.59, 0.27), (0.30, 0.55), (0.70, 0.55),
+              (0.31, 0.66), (0.69, 0.66), (0.42, 0.80), (0.58, 0.80)]
+
+
+def _family_traits(rng, n_members, n=3):
+    """Each member's small marks, (x, y, radius) face-relative: what alone tells identical twins apart.
+    Members share at most one site, so every twin differs from the other in at least two marks."""
+    while True:
+        sites = [set(rng.choice(len(MARK_SITES), n, replace=False).tolist()) for _ in range(n_members)]
+        if all(len(a & b) <= 1 for i, a in enumerate(sites) for b in sites[i + 1:]):
+            break
+    return [[(MARK_SITES[k][0] + rng.uniform(-0.012, 0.012), MARK_SITES[k][1] + rng.uniform(-0.012, 0.012),
+              rng.uniform(0.04, 0.055)) for k in sorted(member)] for member in sites]
 
 
 def _draw_face(look, traits, rng, size):
@@ -385,9 +391,8 @@ def _draw_face(look, traits, rng, size):
 
 
 def _synth_person(args):
-    out_dir, pid, files, look, seed, size = args
+    out_dir, pid, files, look, traits, seed, size = args
     rng = np.random.default_rng(seed)
-    traits = _person_traits(rng)
     os.makedirs(os.path.join(out_dir, "images", pid), exist_ok=True)
     marks = {}
     for name in files:
@@ -406,12 +411,13 @@ def synth(out_dir, shape="demo", size=112, seed=0, structure_file=None):
     for split, (images, pairs) in synth_structure(shape, structure_file).items():
         ids = sorted(images)
         index = {pid: i for i, pid in enumerate(ids)}
-        look_of = {}  # a family shares one look
+        look_of, traits_of = {}, {}  # a family shares one look; each member has its own marks
         for family in twin_families(len(ids), [(index[a], index[b]) for a, b in pairs]):
             look = _family_look(rng)
-            look_of.update({ids[p]: look for p in family})
+            for p, traits in zip(family, _family_traits(rng, len(family))):
+                look_of[ids[p]], traits_of[ids[p]] = look, traits
         for pid in ids:
-            jobs.append((out_dir, pid, images[pid], look_of[pid], int(rng.integers(2**31)), size))
+            jobs.append((out_dir, pid, images[pid], look_of[pid], traits_of[pid], int(rng.integers(2**31)), size))
         files[split] = ({pid: [os.path.abspath(os.path.join(out_dir, "images", pid, n)) for n in images[pid]]
                          for pid in ids}, pairs)
     with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:

@@ -36,6 +36,8 @@ OFFICIAL_URLS = {
 }
 # Keys an official checkpoint carries that inference never reads (DINOv2's iBOT mask token).
 UNUSED_CHECKPOINT_KEYS = {"mask_token"}
+# Backbones with no pre-trained weights, trained whole from a fixed initialisation (the CPU demo).
+SCRATCH_ARCHS = {"scratch_vit_tiny14": dict(embed_dim=128, depth=3, patch_size=14)}
 
 
 class Attention(nn.Module):
@@ -153,6 +155,20 @@ class ViT(nn.Module):
             x = block(x)
         return self.norm(x)
 
+    @torch.no_grad()
+    def init_weights(self, generator):
+        """Fresh weights as DINOv2 initialises them: truncated-normal (0.02) projections and positions,
+        near-zero CLS/registers, zero biases, unit norms and LayerScale."""
+        for name, p in self.named_parameters():
+            if name.endswith("bias"):
+                p.zero_()
+            elif name.endswith(("cls_token", "register_tokens")):
+                p.normal_(0, 1e-6, generator=generator)
+            elif p.dim() == 1:  # LayerNorm weight, LayerScale gamma
+                p.fill_(1.0)
+            else:
+                nn.init.trunc_normal_(p, std=0.02, a=-0.04, b=0.04, generator=generator)
+
 
 def resample_pos_embed(pos_embed, grid, family):
     """Resample the patch pos-embed to grid x grid exactly as the official code of `family` does."""
@@ -188,7 +204,8 @@ def read_checkpoint(source, cache_dir=None):
         except Exception as e:
             raise ValueError(f"{source}: not a readable PyTorch checkpoint ({e})") from e
     else:
-        raise ValueError(f"unknown backbone {source!r}: not a file, a URL or one of {sorted(OFFICIAL_URLS)}")
+        raise ValueError(f"unknown backbone {source!r}: not a file, a URL or one of "
+                         f"{sorted(OFFICIAL_URLS) + sorted(SCRATCH_ARCHS)}")
     if isinstance(state, dict) and "model" in state and "cls_token" not in state:
         state = state["model"]
     if not isinstance(state, dict) or "cls_token" not in state:
@@ -197,7 +214,10 @@ def read_checkpoint(source, cache_dir=None):
 
 
 def load_vit(source, img_size, cache_dir=None):
-    """Build a ViT from an official checkpoint (name, URL or path), pos-embed resampled to img_size."""
+    """Build a ViT from an official checkpoint (name, URL or path), pos-embed resampled to img_size,
+    or one of SCRATCH_ARCHS with fresh weights (always the same ones)."""
+    if source in SCRATCH_ARCHS:
+        return scratch_vit(source, img_size)
     state = dict(read_checkpoint(source, cache_dir))
     try:
         D = state["cls_token"].shape[-1]
@@ -222,6 +242,17 @@ def load_vit(source, img_size, cache_dir=None):
     vit.load_state_dict(state, strict=True)
     vit.family = family
     vit.fingerprint = backbone_fingerprint(state)
+    return vit
+
+
+def scratch_vit(name, img_size):
+    shape = SCRATCH_ARCHS[name]
+    if img_size % shape["patch_size"]:
+        raise ValueError(f"img_size {img_size} is not a multiple of the patch size {shape['patch_size']} of {name}")
+    vit = ViT(ViTConfig(**shape, num_registers=0, layerscale=False, img_size=img_size))
+    vit.init_weights(torch.Generator().manual_seed(0))
+    vit.family = "scratch"
+    vit.fingerprint = backbone_fingerprint(vit.state_dict())
     return vit
 
 
@@ -411,6 +442,9 @@ class TwinVerifier(nn.Module):
 
 def build_verifier(arch, img_size, num_classes, deep_prompts, train_blocks, weights_dir=None):
     vit = load_vit(arch, img_size, weights_dir)
+    if vit.family == "scratch" and train_blocks != vit.cfg.depth:
+        raise ValueError(f"{arch} has no pre-trained weights, so it trains whole: set train_blocks to its depth "
+                         f"{vit.cfg.depth} (got {train_blocks})")
     return TwinVerifier(vit, num_classes, deep_prompts, train_blocks)
 
 

@@ -127,8 +127,19 @@ def test_last_blocks_trainable_on_request():
     assert not any(p.requires_grad for p in m.vit.blocks[0].parameters())
 
 
+def test_scratch_backbone_is_fixed_and_trains_whole():
+    a, b = model.load_vit("scratch_vit_tiny14", 112), model.load_vit("scratch_vit_tiny14", 112)
+    assert a.fingerprint == b.fingerprint and a.grid == 8 and a.family == "scratch"
+    assert a.blocks[0].attn.qkv.weight.std().item() == pytest.approx(0.02, rel=0.2)
+    assert (a.blocks[0].attn.qkv.bias == 0).all() and (a.norm.weight == 1).all()
+    m = model.build_verifier("scratch_vit_tiny14", 112, 3, 2, train_blocks=3)
+    assert all(p.requires_grad for p in m.parameters())
+    with pytest.raises(ValueError, match="no pre-trained weights, so it trains whole: set train_blocks to its depth 3"):
+        model.build_verifier("scratch_vit_tiny14", 112, 3, 2, train_blocks=1)
+
+
 def test_bad_backbone_inputs(tmp_path):
-    with pytest.raises(ValueError, match="unknown backbone 'dinov3_huge'"):
+    with pytest.raises(ValueError, match="unknown backbone 'dinov3_huge'.*'scratch_vit_tiny14'"):
         model.load_vit("dinov3_huge", 224)
     with pytest.raises(ValueError, match="not a multiple of the patch size 14"):
         model.load_vit(TINY_ARCH, 100)
