@@ -347,7 +347,7 @@ def _family_traits(rng, n_members, n=3):
         if all(len(a & b) <= 1 for i, a in enumerate(sites) for b in sites[i + 1:]):
             break
     return [[(MARK_SITES[k][0] + rng.uniform(-0.012, 0.012), MARK_SITES[k][1] + rng.uniform(-0.012, 0.012),
-              rng.uniform(0.04, 0.055)) for k in sorted(member)] for member in sites]
+              rng.uniform(0.06, 0.07)) for k in sorted(member)] for member in sites]
 
 
 def _draw_face(look, traits, rng, size):
