@@ -411,13 +411,12 @@ def synth(out_dir, shape="demo", size=112, seed=0, structure_file=None):
     for split, (images, pairs) in synth_structure(shape, structure_file).items():
         ids = sorted(images)
         index = {pid: i for i, pid in enumerate(ids)}
-        look_of, traits_of = {}, {}  # a family shares one look; each member has its own marks
+        face_of = {}  # (look, marks): a family shares one look; each member has its own marks
         for family in twin_families(len(ids), [(index[a], index[b]) for a, b in pairs]):
             look = _family_look(rng)
-            for p, traits in zip(family, _family_traits(rng, len(family))):
-                look_of[ids[p]], traits_of[ids[p]] = look, traits
+            face_of.update({ids[p]: (look, traits) for p, traits in zip(family, _family_traits(rng, len(family)))})
         for pid in ids:
-            jobs.append((out_dir, pid, images[pid], look_of[pid], traits_of[pid], int(rng.integers(2**31)), size))
+            jobs.append((out_dir, pid, images[pid], *face_of[pid], int(rng.integers(2**31)), size))
         files[split] = ({pid: [os.path.abspath(os.path.join(out_dir, "images", pid, n)) for n in images[pid]]
                          for pid in ids}, pairs)
     with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:

@@ -228,13 +228,10 @@ def load_vit(source, img_size, cache_dir=None):
         raise ValueError(f"{source}: checkpoint is missing a ViT key or has a malformed one ({e!r})") from e
     if native_grid ** 2 + 1 != state["pos_embed"].shape[1]:
         raise ValueError(f"{source}: pos_embed holds {state['pos_embed'].shape[1]} positions, not CLS + a square grid")
-    if img_size % patch:
-        raise ValueError(f"img_size {img_size} is not a multiple of the patch size {patch} of {source}")
     registers = state["register_tokens"].shape[1] if "register_tokens" in state else 0
     family = "dino" if "mask_token" not in state else ("dinov2_reg" if registers else "dinov2")
-    cfg = ViTConfig(embed_dim=D, depth=depth, patch_size=patch, num_registers=registers,
-                    layerscale="blocks.0.ls1.gamma" in state, img_size=img_size)
-    vit = ViT(cfg)
+    vit = ViT(vit_config(source, img_size, embed_dim=D, depth=depth, patch_size=patch, num_registers=registers,
+                         layerscale="blocks.0.ls1.gamma" in state))
     for key in UNUSED_CHECKPOINT_KEYS:
         state.pop(key, None)
     state["pos_embed"] = resample_pos_embed(state["pos_embed"], img_size // patch, family)
@@ -245,11 +242,14 @@ def load_vit(source, img_size, cache_dir=None):
     return vit
 
 
-def scratch_vit(name, img_size):
-    shape = SCRATCH_ARCHS[name]
+def vit_config(source, img_size, **shape):
     if img_size % shape["patch_size"]:
-        raise ValueError(f"img_size {img_size} is not a multiple of the patch size {shape['patch_size']} of {name}")
-    vit = ViT(ViTConfig(**shape, num_registers=0, layerscale=False, img_size=img_size))
+        raise ValueError(f"img_size {img_size} is not a multiple of the patch size {shape['patch_size']} of {source}")
+    return ViTConfig(img_size=img_size, **shape)
+
+
+def scratch_vit(name, img_size):
+    vit = ViT(vit_config(name, img_size, **SCRATCH_ARCHS[name], num_registers=0, layerscale=False))
     vit.init_weights(torch.Generator().manual_seed(0))
     vit.family = "scratch"
     vit.fingerprint = backbone_fingerprint(vit.state_dict())
