@@ -216,7 +216,7 @@ def build_cache(paths, size, cache_dir, verbose=True):
     if problems:
         raise DataError(problems, "images")
     os.makedirs(cache_dir, exist_ok=True)
-    tmp = path + ".tmp"
+    tmp = f"{path}.{os.getpid()}.tmp"  # two runs may build the same cache at once (train and evaluate)
     torch.save({"paths": list(paths), "size": size, "images": images}, tmp)
     os.replace(tmp, path)
     return images

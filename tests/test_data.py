@@ -1,11 +1,14 @@
 import json
 import os
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 
 import data
-from conftest import FIXTURES, run_py
+from conftest import FIXTURES, ROOT, run_py
 
 
 def write_set(tmp, people, pairs, size=24):
@@ -81,6 +84,29 @@ def test_cache_is_reused_and_rebuilt_when_files_or_size_change(tmp_path):
     os.utime(info["1"][0], ns=(1, 1))
     rebuilt = data.build_cache(split.paths, 16, cache_dir, verbose=False)
     assert not torch.equal(rebuilt[0], first[0]) and rebuilt[0, 0].float().mean() > 250
+
+
+def test_two_runs_can_build_the_same_cache_at_once(tmp_path):
+    """A training run and an evaluation started together: run A is held between writing its cache and
+    renaming it into place while run B builds the same cache; both must end with it."""
+    info_path, pairs_path, _ = write_set(tmp_path, {"1": 2, "2": 2}, [["1", "2"]])
+    build = (f"import data; s = data.load_split({info_path!r}, {pairs_path!r}); "
+             f"data.build_cache(s.paths, 16, {str(tmp_path / 'cache')!r}, verbose=False)")
+    held = ("import os, time; replace = os.replace\n"
+            "def held_replace(*a):\n"
+            f"    open({str(tmp_path / 'ready')!r}, 'w').close()\n"
+            f"    while not os.path.exists({str(tmp_path / 'go')!r}): time.sleep(0.05)\n"
+            "    replace(*a)\n"
+            "os.replace = held_replace\n" + build)
+    run_a = subprocess.Popen([sys.executable, "-c", held], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    while not (tmp_path / "ready").exists():
+        assert run_a.poll() is None, run_a.stderr.read()
+        time.sleep(0.05)
+    run_py(["-c", build])
+    (tmp_path / "go").touch()
+    assert run_a.wait(timeout=60) == 0, run_a.stderr.read()
+    split = data.load_split(info_path, pairs_path)
+    assert data.build_cache(split.paths, 16, str(tmp_path / "cache"), verbose=False).shape == (4, 3, 16, 16)
 
 
 def test_family_batches_cover_every_image_with_siblings_together(synth_dir):
