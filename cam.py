@@ -180,7 +180,7 @@ def curves(model, enc_a, enc_b, order_a, order_b, insertion):
     rows = P + 1
 
     def directed(prompt_enc, image_enc, keep):
-        scores, _ = model.score_prompts(prompt_enc.prompt.expand(rows, 1, -1),
+        scores, _ = model.score_prompts(prompt_enc.prompt[None, None],
                                         image_enc[None][[0] * rows], keep_patches=keep.to(device))
         return scores[:, 0]
 

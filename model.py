@@ -360,18 +360,21 @@ class TwinVerifier(nn.Module):
         return Encoding(self.generator(x[:, 0], x[:, self.vit.num_prefix:]), keys, values)
 
     def score_prompts(self, prompts, enc: Encoding, blurred_heads=None, keep_patches=None):
-        """s(p; x) for M prompts per image: prompts (B, M, D) against enc (B images).
+        """s(p; x) for M prompts per image: prompts (B, M, D), or (1, M, D) for the same M on every image,
+        against enc (B images).
 
         Each prompt attends to itself and to the image's tokens, never to another prompt: M queries
         against 1 + N keys, so the scores are formed explicitly (a fused kernel would need the M prompts as
-        keys too, masked, at M x (M + N) cost). Returns scores (B, M) and the attention over the patches
-        (B, heads, M, patches). blurred_heads (heads,) bool: those heads' patch attention made uniform with
-        the same mass (Prompt-CAM's blur). keep_patches (B, patches) bool: the others are hidden.
+        keys too, masked, at M x (M + N) cost). Shared prompts get their queries, keys and values once, not
+        once per image. Returns scores (B, M) and the attention over the patches (B, heads, M, patches).
+        blurred_heads (heads,) bool: those heads' patch attention made uniform with the same mass
+        (Prompt-CAM's blur). keep_patches (B, patches) bool: the others are hidden.
         """
         block, vit = self.vit.blocks[-1], self.vit
-        B, M, D = prompts.shape
         q, k, v = block.attn.split_heads(block.norm1(prompts))
-        logits = torch.cat([(q * k).sum(-1, keepdim=True), q @ enc.keys.transpose(-1, -2)], -1) * q.shape[-1] ** -0.5
+        on_patches = q @ enc.keys.transpose(-1, -2)
+        on_itself = (q * k).sum(-1, keepdim=True).expand(*on_patches.shape[:-1], 1)
+        logits = torch.cat([on_itself, on_patches], -1) * q.shape[-1] ** -0.5
         first_patch = 1 + vit.num_prefix  # columns: the prompt itself, CLS, registers, patches
         if keep_patches is not None:
             hidden = F.pad(~keep_patches, (first_patch, 0))[:, None, None, :]
@@ -383,7 +386,7 @@ class TwinVerifier(nn.Module):
             patch_attn = torch.where(blurred_heads[None, :, None, None], uniform, patch_attn)
             attn = torch.cat([attn[..., :first_patch], patch_attn], -1)
         out = attn[..., :1] * v + attn[..., 1:] @ enc.values
-        h = prompts + block.ls1(block.attn.proj(out.transpose(1, 2).reshape(B, M, D)))
+        h = prompts + block.ls1(block.attn.proj(out.transpose(1, 2).flatten(2)))
         h = block.mlp_residual(h)
         return vit.norm(h) @ self.score_w, attn[..., first_patch:]
 
@@ -392,9 +395,8 @@ class TwinVerifier(nn.Module):
         prompt on every image in the batch. Returns (class_scores (B, C), pair_scores (B, B), p(x) (B, D));
         pair_scores[i, j] is the symmetric score of images i and j."""
         enc = self.encode(images)
-        B = len(images)
-        class_scores, _ = self.score_prompts(self.class_prompts.expand(B, -1, -1), enc)
-        directed, _ = self.score_prompts(enc.prompt.expand(B, -1, -1), enc)  # [j, i] = s(p(x_i); x_j)
+        class_scores, _ = self.score_prompts(self.class_prompts[None], enc)
+        directed, _ = self.score_prompts(enc.prompt[None], enc)  # [j, i] = s(p(x_i); x_j)
         return class_scores, (directed + directed.T) / 2, enc.prompt
 
     @torch.no_grad()

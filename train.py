@@ -351,7 +351,7 @@ def main(argv=None):
         return loss.detach()
 
     if args.benchmark:
-        return benchmark(train_step, batches, device, precision, use_compile, world, log)
+        return benchmark(train_step, batches, device, precision, use_compile, world, log, sum(p.numel() for _, p in named))
 
     if master:
         os.makedirs(cfg["out_dir"], exist_ok=True)
@@ -485,8 +485,9 @@ def largest_batch(raw, images, K, device, precision, log):
     return chosen
 
 
-def benchmark(train_step, batches, device, precision, use_compile, world, log, warmup=5, steps=20):
-    """Steady-state images/s and where the step time goes."""
+def benchmark(train_step, batches, device, precision, use_compile, world, log, n_trainable, warmup=5, steps=20):
+    """Steady-state images/s and where the step time goes; under DDP also what the gradient all-reduce
+    costs alone (DDP runs it inside backward)."""
     epoch_batches = batches.epoch(0)
     for i in range(warmup):  # compilation and allocator warm-up, not timed
         train_step(epoch_batches[i % len(epoch_batches)])
@@ -505,6 +506,17 @@ def benchmark(train_step, batches, device, precision, use_compile, world, log, w
     log(f"benchmark on {name} x{world} process(es), {precision}, compile {'on' if use_compile else 'off'}:\n"
         f"  {images / elapsed:.1f} images/s per process, {images * world / elapsed:.1f} in all "
         f"(batch {images // steps})\n  step time: {shares}\n  peak memory: {peak_memory_gb(device):.2f} GB")
+    if world > 1:
+        grads = torch.zeros(n_trainable, device=device)
+        dist.barrier()
+        start = time.perf_counter()
+        for _ in range(steps):
+            dist.all_reduce(grads)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        per_step = (time.perf_counter() - start) / steps
+        log(f"  gradient all-reduce alone ({n_trainable:,} values): {1000 * per_step:.1f} ms per step, "
+            f"{100 * per_step * steps / elapsed:.0f}% of the step time")
 
 
 if __name__ == "__main__":

@@ -74,6 +74,9 @@ def test_pair_score_is_a_function_of_the_two_images(verifier):
         # prompt rows equal the full last block run on [prompt; image tokens] with prompts kept apart
         prompts = verifier.class_prompts.expand(6, -1, -1)
         rows, maps = verifier.score_prompts(prompts, enc)
+        shared_rows, shared_maps = verifier.score_prompts(verifier.class_prompts[None], enc)  # the same on every image
+        torch.testing.assert_close(shared_rows, rows)
+        torch.testing.assert_close(shared_maps, maps)
         assert maps.shape == (6, 2, 7, 16) and (maps >= 0).all() and (maps.sum(-1) <= 1 + 1e-5).all()
         vit = verifier.vit
         x = verifier.last_layer_input(x)

@@ -1,6 +1,7 @@
 import glob
 import json
 import os
+import re
 import signal
 import socket
 import struct
@@ -126,6 +127,22 @@ def test_torchrun_two_processes_agree_and_only_rank0_writes(tmp_path, synth_dir)
     ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert len(ckpt["rng"]) == 2 and not torch.equal(ckpt["rng"][0]["augment"], ckpt["rng"][1]["augment"])
     assert sorted(os.listdir(tmp_path / "run")) in (["best.pt", "last.pt"], ["last.pt"])
+
+
+def test_benchmark_under_torchrun_prints_its_figures_and_writes_nothing(tmp_path, synth_dir):
+    cfg = tiny_config(tmp_path, synth_dir)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(free_port()), "train.py", "--cfg", cfg, "--benchmark"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-3000:]
+    assert output.count("benchmark on CPU (1 threads) x2 process(es), fp32") == 1  # rank 0 only
+    for figure in (r"[\d.]+ images/s per process, [\d.]+ in all", r"step time: data \d+%, augmentation \d+%, "
+                   r"forward \d+%, backward \d+%, optimiser \d+%", r"peak memory: [\d.]+ GB",
+                   r"gradient all-reduce alone \([\d,]+ values\): [\d.]+ ms per step, \d+% of the step time"):
+        assert re.search(figure, output), (figure, output[-2000:])
+    assert not os.path.exists(tmp_path / "run")
 
 
 def free_port():
