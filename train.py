@@ -351,7 +351,8 @@ def main(argv=None):
         return loss.detach()
 
     if args.benchmark:
-        return benchmark(train_step, batches, device, precision, use_compile, world, log, sum(p.numel() for _, p in named))
+        n_trainable = sum(p.numel() for _, p in named)
+        return benchmark(train_step, batches, device, precision, use_compile, world, log, n_trainable)
 
     if master:
         os.makedirs(cfg["out_dir"], exist_ok=True)
