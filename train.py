@@ -252,14 +252,16 @@ def main(argv=None):
             raise SystemExit(f"config key {key!r} is empty: point it at your info files (see README)")
 
     # ---- processes and devices: torchrun sets RANK; plain python runs one process
-    ddp = "RANK" in os.environ
+    ddp, n_gpus = "RANK" in os.environ, torch.cuda.device_count()
     if ddp:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        # NCCL needs a GPU per process; more processes than GPUs (a DDP check on one GPU) share them over gloo
+        local_rank, local_world = int(os.environ["LOCAL_RANK"]), int(os.environ["LOCAL_WORLD_SIZE"])
+        dist.init_process_group("nccl" if n_gpus >= local_world else "gloo")
         rank, world = dist.get_rank(), dist.get_world_size()
-        device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}" if torch.cuda.is_available() else "cpu")
+        device = torch.device(f"cuda:{local_rank % n_gpus}" if n_gpus else "cpu")
     else:
         rank, world = 0, 1
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = torch.device("cuda:0" if n_gpus else "cpu")
     master = rank == 0
     log = print if master else (lambda *a, **k: None)
     if device.type == "cuda":
@@ -311,8 +313,8 @@ def main(argv=None):
     # one static graph, gradients reduced in place in their buckets (no copy per step)
     model = DDP(raw, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True,
                 static_graph=True) if ddp else raw
-    if use_compile:
-        model = torch.compile(model)
+    if use_compile:  # one static graph per batch size; an epoch holds two or three sizes
+        model = torch.compile(model, dynamic=False)
     gen = torch.Generator(device=device).manual_seed(cfg["seed"] * 1000 + rank)
     start_epoch, step, best_eer, threshold, run_id = 0, 0, math.inf, None, None
     if ckpt:
@@ -490,8 +492,14 @@ def benchmark(train_step, batches, device, precision, use_compile, world, log, n
     """Steady-state images/s and where the step time goes; under DDP also what the gradient all-reduce
     costs alone (DDP runs it inside backward)."""
     epoch_batches = batches.epoch(0)
-    for i in range(warmup):  # compilation and allocator warm-up, not timed
-        train_step(epoch_batches[i % len(epoch_batches)])
+    # compilation and allocator warm-up, not timed, on every batch size the epoch holds (a triplet family
+    # makes one batch larger): torch.compile builds a graph per size
+    warm = list({len(idx): idx for idx in epoch_batches}.values())
+    n_warm = torch.tensor(len(warm) + warmup, device=device)
+    if world > 1:  # every rank takes as many steps: DDP reduces gradients in each
+        dist.all_reduce(n_warm, dist.ReduceOp.MAX)
+    for i in range(n_warm.item()):
+        train_step(warm[i] if i < len(warm) else epoch_batches[i % len(epoch_batches)])
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     timer, images, start = PhaseTimer(device), 0, time.perf_counter()

@@ -145,6 +145,34 @@ def test_benchmark_under_torchrun_prints_its_figures_and_writes_nothing(tmp_path
     assert not os.path.exists(tmp_path / "run")
 
 
+def count_benchmark_steps(rank, port, batch_sizes, out_dir):
+    """One gloo rank of train.benchmark with a step that records batch sizes (run by mp.spawn)."""
+    import torch.distributed as dist
+    import train
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+
+    class Batches:
+        def epoch(self, epoch):
+            return [torch.zeros(n, dtype=torch.long) for n in batch_sizes[rank]]
+
+    sizes = []
+    train.benchmark(lambda idx, timer=None: sizes.append(len(idx)), Batches(), torch.device("cpu"), "fp32", False,
+                    2, lambda *a: None, n_trainable=10, warmup=2, steps=3)
+    torch.save(sizes, os.path.join(out_dir, f"{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_benchmark_warms_up_every_batch_size_and_every_rank_takes_as_many_steps(tmp_path):
+    # rank 0 holds the triplet family's larger batch; rank 1 does not: a step more on one rank would
+    # leave the other waiting in DDP's gradient all-reduce (it hung on a GPU)
+    import torch.multiprocessing as mp
+    batch_sizes = [[48] * 6 + [52], [48] * 7]
+    mp.spawn(count_benchmark_steps, args=(free_port(), batch_sizes, str(tmp_path)), nprocs=2)
+    sizes = [torch.load(tmp_path / f"{rank}.pt", weights_only=True) for rank in (0, 1)]
+    assert len(sizes[0]) == len(sizes[1]), sizes
+    assert 52 in sizes[0][:-3], sizes  # compiled before the timed steps
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
