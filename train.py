@@ -313,7 +313,7 @@ def main(argv=None):
     # one static graph, gradients reduced in place in their buckets (no copy per step)
     model = DDP(raw, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True,
                 static_graph=True) if ddp else raw
-    if use_compile:  # one static graph per batch size; an epoch holds two or three sizes
+    if use_compile:  # one static graph per batch size: only batches holding the triplet family differ
         model = torch.compile(model, dynamic=False)
     gen = torch.Generator(device=device).manual_seed(cfg["seed"] * 1000 + rank)
     start_epoch, step, best_eer, threshold, run_id = 0, 0, math.inf, None, None
@@ -492,8 +492,8 @@ def benchmark(train_step, batches, device, precision, use_compile, world, log, n
     """Steady-state images/s and where the step time goes; under DDP also what the gradient all-reduce
     costs alone (DDP runs it inside backward)."""
     epoch_batches = batches.epoch(0)
-    # compilation and allocator warm-up, not timed, on every batch size the epoch holds (a triplet family
-    # makes one batch larger): torch.compile builds a graph per size
+    # compilation and allocator warm-up, not timed, on every batch size the epoch holds (batches holding
+    # the triplet family are larger): torch.compile builds a graph per size
     warm = list({len(idx): idx for idx in epoch_batches}.values())
     n_warm = torch.tensor(len(warm) + warmup, device=device)
     if world > 1:  # every rank takes as many steps: DDP reduces gradients in each
