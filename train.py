@@ -10,6 +10,7 @@ when the validation EER improves, atomically; a resumed run continues exactly wh
 """
 import argparse
 import contextlib
+import gc
 import glob
 import math
 import os
@@ -424,8 +425,6 @@ def main(argv=None):
             break
     check_ranks_agree(raw, ddp, world, log)
     tracker.finish()
-    if ddp:
-        dist.destroy_process_group()
 
 
 def rank0_first(make, ddp):
@@ -529,4 +528,9 @@ def benchmark(train_step, batches, device, precision, use_compile, world, log, n
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    if dist.is_initialized():
+        # DDP sits in a reference cycle that holds the process group: free it now, not while Python shuts down
+        gc.collect()
+        dist.destroy_process_group()
+    sys.exit(status)
