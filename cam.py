@@ -177,11 +177,9 @@ def curves(model, enc_a, enc_b, order_a, order_b, insertion):
     if not insertion:
         keep_a, keep_b = ~keep_a, ~keep_b
     device = enc_a.prompt.device
-    rows = P + 1
 
     def directed(prompt_enc, image_enc, keep):
-        scores, _ = model.score_prompts(prompt_enc.prompt[None, None],
-                                        image_enc[None][[0] * rows], keep_patches=keep.to(device))
+        scores, _ = model.score_prompts(prompt_enc.prompt[None, None], image_enc[None], keep_patches=keep.to(device))
         return scores[:, 0]
 
     return ((directed(enc_a, enc_b, keep_b) + directed(enc_b, enc_a, keep_a)) / 2).float().cpu().numpy()

@@ -368,7 +368,8 @@ class TwinVerifier(nn.Module):
         keys too, masked, at M x (M + N) cost). Shared prompts get their queries, keys and values once, not
         once per image. Returns scores (B, M) and the attention over the patches (B, heads, M, patches).
         blurred_heads (heads,) bool: those heads' patch attention made uniform with the same mass
-        (Prompt-CAM's blur). keep_patches (B, patches) bool: the others are hidden.
+        (Prompt-CAM's blur). keep_patches (B, patches) bool: the others are hidden; with enc of one image,
+        (R, patches) gives R views of it without copying its keys and values.
         """
         block, vit = self.vit.blocks[-1], self.vit
         q, k, v = block.attn.split_heads(block.norm1(prompts))
