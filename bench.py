@@ -2,11 +2,16 @@
 
     python bench.py scoring [--arch FILE] [--img-size 224] [--depth 12]  # encode 100 images vs score 10,000 pairs
     python bench.py data --data DIR [--size 112]                         # cache + device augmentation vs DataLoader
+    python bench.py ddp [--cfg configs/cpu_demo.yaml] [--rounds 6]       # DDP on 2 CPU processes vs one alone
 
 Training-step figures come from `python train.py --cfg FILE --benchmark`.
 """
 import argparse
 import os
+import re
+import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -90,6 +95,41 @@ def data_loading(args):
               f"ratio {rates[0] / rates[1]:.1f}x")
 
 
+def ddp(args):
+    """Training images/s per process with one thread each on CPU: one process alone, two independent
+    processes at once (what two busy cores cost without any communication), and DDP on two processes.
+    Rounds alternate so that a slow spell of the machine falls on all three; medians are compared."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1"}
+    train = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"), "--cfg", args.cfg, "--benchmark", str(args.steps)]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+    def per_process(*commands):
+        """Start the commands at once; the images/s per process that each printed."""
+        procs = [subprocess.Popen(c, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                 for c in commands]
+        rates = []
+        for command, proc in zip(commands, procs):
+            output = proc.communicate()[0]
+            found = re.search(r"([\d.]+) images/s per process", output)
+            if proc.returncode or not found:
+                raise SystemExit(f"{' '.join(command)} failed (exit {proc.returncode}):\n{output[-2000:]}")
+            rates.append(float(found.group(1)))
+        return rates
+
+    print(f"{args.cfg}, {args.steps} timed steps, 1 thread per process, {os.cpu_count()} CPU cores")
+    alone, pair, distributed = [], [], []
+    for r in range(args.rounds):
+        alone += per_process([sys.executable, *train])
+        pair += per_process([sys.executable, *train], [sys.executable, *train])
+        distributed += per_process(torchrun + train)
+        print(f"round {r + 1}: alone {alone[-1]:.1f} | two independent {pair[-2]:.1f} {pair[-1]:.1f} | "
+              f"DDP {distributed[-1]:.1f} images/s per process", flush=True)
+    base = statistics.median(alone)
+    print(f"median images/s per process: alone {base:.1f}, "
+          + ", ".join(f"{name} {statistics.median(x):.1f} ({100 * (statistics.median(x) / base - 1):+.0f}%)"
+                      for name, x in (("two independent", pair), ("DDP", distributed))))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
@@ -102,11 +142,12 @@ def main():
     d.add_argument("--size", type=int, default=112)
     d.add_argument("--batch-size", type=int, default=64)
     d.add_argument("--batches", type=int, default=20)
+    g = sub.add_parser("ddp")
+    g.add_argument("--cfg", default="configs/cpu_demo.yaml", help="a training config whose data exists")
+    g.add_argument("--rounds", type=int, default=6)
+    g.add_argument("--steps", type=int, default=60, help="timed steps per run")
     args = ap.parse_args()
-    if args.command == "scoring":
-        scoring(args)
-    else:
-        data_loading(args)
+    {"scoring": scoring, "data": data_loading, "ddp": ddp}[args.command](args)
 
 
 if __name__ == "__main__":

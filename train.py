@@ -3,7 +3,7 @@
     python train.py --cfg configs/cpu_demo.yaml
     torchrun --nproc_per_node 2 train.py --cfg configs/t4x2.yaml
     python train.py --resume ckpt/last.pt          # or --resume auto: the newest last.pt under out_dir
-    python train.py --cfg FILE --benchmark         # timed steps: images/s, phase shares, peak memory
+    python train.py --cfg FILE --benchmark [STEPS] # timed steps (20): images/s, phase shares, peak memory
 
 Every config key can be overridden as `--key value`. Each epoch writes out_dir/last.pt, and best.pt
 when the validation EER improves, atomically; a resumed run continues exactly where it stopped.
@@ -237,8 +237,11 @@ def main(argv=None):
     ap.add_argument("--cfg", help="YAML file of config keys")
     ap.add_argument("--resume", help="a last.pt, or 'auto' for the newest last.pt under out_dir")
     ap.add_argument("--time-budget", help="stop cleanly before the next epoch would pass it, e.g. 11h30m")
-    ap.add_argument("--benchmark", action="store_true", help="time a few steps instead of training")
+    ap.add_argument("--benchmark", nargs="?", const=20, type=int, metavar="STEPS",
+                    help="time STEPS training steps (default 20) instead of training")
     args, rest = ap.parse_known_args(argv)
+    if args.benchmark is not None and args.benchmark < 1:
+        raise SystemExit(f"--benchmark {args.benchmark}: time at least one step")
     overrides = parse_overrides(rest)
     budget = parse_duration(args.time_budget) if args.time_budget else None
     cfg = load_config(args.cfg, overrides)
@@ -355,7 +358,8 @@ def main(argv=None):
 
     if args.benchmark:
         n_trainable = sum(p.numel() for _, p in named)
-        return benchmark(train_step, batches, device, precision, use_compile, world, log, n_trainable)
+        return benchmark(train_step, batches, device, precision, use_compile, world, log, n_trainable,
+                         steps=args.benchmark)
 
     if master:
         os.makedirs(cfg["out_dir"], exist_ok=True)

@@ -25,7 +25,8 @@ def test_config_errors_come_before_any_work(tmp_path, synth_dir):
              (["--cfg", cfg, "--epochs", "three"], "config key 'epochs' needs a int, got 'three'"),
              (["--cfg", cfg, "--tracker", "tensorboard"], "'tracker' must be one of"),
              (["--cfg", str(tmp_path / "nope.yaml")], "nope.yaml: config file not found"),
-             (["--cfg", cfg, "--time-budget", "soon"], "--time-budget: cannot read 'soon'")]
+             (["--cfg", cfg, "--time-budget", "soon"], "--time-budget: cannot read 'soon'"),
+             (["--cfg", cfg, "--benchmark", "0"], "--benchmark 0: time at least one step")]
     (tmp_path / "typo.yaml").write_text("epochz: 3\n")
     cases.append((["--cfg", str(tmp_path / "typo.yaml")], "typo.yaml: unknown config key 'epochz'"))
     for args, message in cases:
@@ -143,6 +144,18 @@ def test_benchmark_under_torchrun_prints_its_figures_and_writes_nothing(tmp_path
                    r"gradient all-reduce alone \([\d,]+ values\): [\d.]+ ms per step, \d+% of the step time"):
         assert re.search(figure, output), (figure, output[-2000:])
     assert not os.path.exists(tmp_path / "run")
+
+
+def test_bench_ddp_times_one_process_two_independent_ones_and_ddp(tmp_path, synth_dir):
+    cfg = tiny_config(tmp_path, synth_dir)
+    output = run_py(["bench.py", "ddp", "--cfg", cfg, "--rounds", "1", "--steps", "3"]).stdout
+    assert re.search(r"round 1: alone [\d.]+ \| two independent [\d.]+ [\d.]+ \| DDP [\d.]+ images/s per process",
+                     output), output
+    assert re.search(r"median images/s per process: alone [\d.]+, two independent [\d.]+ \([+-]\d+%\), "
+                     r"DDP [\d.]+ \([+-]\d+%\)", output), output
+    assert not os.path.exists(tmp_path / "run")
+    broken = run_py(["bench.py", "ddp", "--cfg", cfg, "--rounds", "1", "--steps", "0"], check=False)
+    assert broken.returncode != 0 and "--benchmark 0: time at least one step" in broken.stderr, broken.stderr
 
 
 def count_benchmark_steps(rank, port, batch_sizes, out_dir):
