@@ -4,6 +4,7 @@ and a synthetic twin data set in the user's exact format.
     python data.py synth --out DIR [--shape demo|real] [--size 112]
 """
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -198,10 +199,14 @@ def build_cache(paths, size, cache_dir, verbose=True):
     """Decode every image once (all CPU cores) into uint8 (N, 3, size, size), saved and reused."""
     path = cache_file(paths, size, cache_dir)
     if os.path.exists(path):
-        cached = torch.load(path, map_location="cpu", weights_only=True)
-        if cached["paths"] == list(paths) and cached["size"] == size:
+        try:
+            cached = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # damaged on disk: it is only a cache, so rebuild it
+            cached = None
+            print(f"{path} is unreadable ({type(e).__name__}); rebuilding it", flush=True)
+        if isinstance(cached, dict) and cached.get("paths") == list(paths) and cached.get("size") == size:
             return cached["images"]
-        if verbose:
+        if cached is not None and verbose:
             print(f"{path} was made from other files; rebuilding it", flush=True)
     images = torch.empty(len(paths), 3, size, size, dtype=torch.uint8)
     problems = []
@@ -216,10 +221,26 @@ def build_cache(paths, size, cache_dir, verbose=True):
     if problems:
         raise DataError(problems, "images")
     os.makedirs(cache_dir, exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"  # two runs may build the same cache at once (train and evaluate)
-    torch.save({"paths": list(paths), "size": size, "images": images}, tmp)
-    os.replace(tmp, path)
+    save_atomically({"paths": list(paths), "size": size, "images": images}, path)
     return images
+
+
+def save_atomically(obj, path):
+    """torch.save to a temporary file, fsync, then rename: a failed save (a full disk) leaves the previous
+    file intact and no temporary behind. The temporary is per process: a training run and an evaluation
+    may build the same cache at once."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        kept = f"; the previous {os.path.basename(path)} is intact" if os.path.exists(path) else ""
+        raise SystemExit(f"could not save {path} ({type(e).__name__}: {e}){kept}") from None
 
 
 # ---------------------------------------------------------------- twin-family batches

@@ -9,7 +9,6 @@ Every config key can be overridden as `--key value`. Each epoch writes out_dir/l
 when the validation EER improves, atomically; a resumed run continues exactly where it stopped.
 """
 import argparse
-import contextlib
 import gc
 import glob
 import math
@@ -165,22 +164,6 @@ def peak_memory_gb(device):
 
 
 # ---------------------------------------------------------------- checkpoints
-
-def save_checkpoint(state, path):
-    """Write to a temporary file, fsync, then rename: a failed save leaves the previous file intact."""
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise SystemExit(f"could not save {path} ({type(e).__name__}: {e}); "
-                         f"the previous {os.path.basename(path)} is intact") from None
-
 
 def find_resume(arg, out_dir):
     if arg != "auto":
@@ -408,9 +391,9 @@ def main(argv=None):
                      "sampler": {"seed": cfg["seed"], "next_epoch": epoch + 1}, "best_eer": best_eer,
                      "threshold": threshold, "val": {k: v for k, v in stats.items() if k.startswith("val")},
                      "tracker_run_id": tracker.run_id}
-            save_checkpoint(state, os.path.join(cfg["out_dir"], "last.pt"))
+            data.save_atomically(state, os.path.join(cfg["out_dir"], "last.pt"))
             if improved:
-                save_checkpoint(state, os.path.join(cfg["out_dir"], "best.pt"))
+                data.save_atomically(state, os.path.join(cfg["out_dir"], "best.pt"))
             tracker.log_metrics(stats, epoch)
         epoch_times.append(time.perf_counter() - epoch_start)
         eta = (cfg["epochs"] - epoch - 1) * sum(epoch_times) / len(epoch_times)

@@ -1,3 +1,4 @@
+import glob
 import json
 import os
 import subprocess
@@ -84,6 +85,27 @@ def test_cache_is_reused_and_rebuilt_when_files_or_size_change(tmp_path):
     os.utime(info["1"][0], ns=(1, 1))
     rebuilt = data.build_cache(split.paths, 16, cache_dir, verbose=False)
     assert not torch.equal(rebuilt[0], first[0]) and rebuilt[0, 0].float().mean() > 250
+
+
+def test_a_damaged_cache_is_rebuilt_and_a_full_disk_leaves_no_partial_cache(tmp_path):
+    info_path, pairs_path, _ = write_set(tmp_path, {"1": 2, "2": 2}, [["1", "2"]])
+    split = data.load_split(info_path, pairs_path)
+    cache_dir = str(tmp_path / "cache")
+    first = data.build_cache(split.paths, 16, cache_dir, verbose=False)
+    (cached,) = glob.glob(f"{cache_dir}/*.pt")
+    with open(cached, "r+b") as f:
+        f.truncate(100)
+    build = (f"import data; s = data.load_split({info_path!r}, {pairs_path!r}); "
+             f"print(data.build_cache(s.paths, 16, {cache_dir!r}, verbose=False).sum().item())")
+    proc = run_py(["-c", build])
+    assert f"{cached} is unreadable" in proc.stdout and proc.stdout.split()[-1] == str(first.sum().item())
+    os.remove(cached)
+    # a file-size limit makes writes fail like a full disk (EFBIG instead of ENOSPC)
+    full = ("import resource, signal; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (512, 512)); " + build)
+    proc = run_py(["-c", full], check=False)
+    assert proc.returncode != 0 and f"could not save {cached} (OSError" in proc.stderr, proc.stderr[-500:]
+    assert os.listdir(cache_dir) == []
 
 
 def test_two_runs_can_build_the_same_cache_at_once(tmp_path):
