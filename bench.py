@@ -100,7 +100,8 @@ def ddp(args):
     processes at once (what two busy cores cost without any communication), and DDP on two processes.
     Rounds alternate so that a slow spell of the machine falls on all three; medians are compared."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1"}
-    train = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"), "--cfg", args.cfg, "--benchmark", str(args.steps)]
+    train_py = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
+    train = [train_py, "--cfg", args.cfg, "--benchmark", str(args.steps)]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
     def per_process(*commands):
