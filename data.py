@@ -77,9 +77,33 @@ def read_json(path, what):
         with open(path) as f:
             return json.load(f)
     except FileNotFoundError:
-        raise DataError([f"{path}: {what} file not found"]) from None
+        raise DataError([f"{path}: {what} file not found; {json_files_beside(path)}"]) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError([f"{path}: {what} file is not valid JSON ({e})"]) from None
+
+
+def json_files_beside(path):
+    """What a user with a renamed file needs to see: the .json files that are in the folder named."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        return f"the folder {folder} does not exist"
+    found = sorted(n for n in os.listdir(folder) if n.endswith(".json"))
+    return f"{folder} holds {', '.join(found)}" if found else f"{folder} holds no .json file"
+
+
+def check_path_remap(path_remap, paths, info_path):
+    """Problems with 'OLD=NEW' itself, reported before the thousands of missing images it would cause."""
+    if not path_remap:
+        return []
+    if "=" not in path_remap:
+        return [f"path_remap {path_remap!r}: expected OLD=NEW"]
+    old, new = path_remap.split("=", 1)
+    problems = []
+    if paths and not any(p.startswith(old) for p in paths):
+        problems.append(f"path_remap: no image path in {info_path} starts with {old} (the first is {paths[0]})")
+    if not os.path.isdir(new):
+        problems.append(f"path_remap: the folder {new} does not exist")
+    return problems
 
 
 def load_split(info_path, pairs_path, path_remap=""):
@@ -90,8 +114,8 @@ def load_split(info_path, pairs_path, path_remap=""):
         raise DataError([f"{info_path}: expected an object {{id: [image paths]}}"])
     if not isinstance(pairs, list):
         raise DataError([f"{pairs_path}: expected a list of [id, id] pairs"])
-    problems, seen = [], {}
     ids = sorted(info)
+    problems, seen = check_path_remap(path_remap, [p for pid in ids for p in info[pid]], info_path), {}
     for pid in ids:
         if len(info[pid]) < 2:
             problems.append(f"{info_path}: id {pid} has {len(info[pid])} image(s); at least 2 are needed")

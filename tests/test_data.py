@@ -71,6 +71,28 @@ def test_path_remap_and_families(tmp_path):
     assert sorted(map(len, split.families)) == [2, 3]  # the triplet is one family
 
 
+def test_a_missing_pairs_file_lists_the_json_files_that_are_there(tmp_path):
+    info_path, pairs_path, _ = write_set(tmp_path, {"1": 2, "2": 2}, [["1", "2"]])
+    os.replace(pairs_path, tmp_path / "train_twin_pairs.json")
+    missing = str(tmp_path / "train_twin_id_pairs.json")
+    with pytest.raises(data.DataError) as err:
+        data.load_split(info_path, missing)
+    text = str(err.value)
+    assert f"{missing}: pairs file not found" in text
+    assert "train_twin_pairs.json" in text and "info.json" in text
+    with pytest.raises(data.DataError, match=f"the folder {tmp_path / 'gone'} does not exist"):
+        data.load_split(str(tmp_path / "gone" / "info.json"), missing)
+
+
+def test_a_wrong_path_remap_is_named_before_the_missing_images(tmp_path):
+    info_path, pairs_path, info = write_set(tmp_path, {"1": 2, "2": 2}, [["1", "2"]])
+    with pytest.raises(data.DataError) as err:
+        data.load_split(info_path, pairs_path, f"/kaggle/input/nd={tmp_path}/elsewhere")
+    lines = str(err.value).splitlines()
+    assert "no image path in" in lines[1] and "starts with /kaggle/input/nd" in lines[1]
+    assert f"the folder {tmp_path}/elsewhere does not exist" in lines[2]
+
+
 def test_cache_is_reused_and_rebuilt_when_files_or_size_change(tmp_path):
     info_path, pairs_path, info = write_set(tmp_path, {"1": 2, "2": 2}, [["1", "2"]])
     split = data.load_split(info_path, pairs_path)

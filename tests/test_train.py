@@ -35,6 +35,22 @@ def test_config_errors_come_before_any_work(tmp_path, synth_dir):
     assert not os.path.exists(tmp_path / "run") and not os.path.exists(tmp_path / "cache")
 
 
+DATA_FILES = {"train_info": "train_dataset_infor.json", "train_pairs": "train_twin_pairs.json",
+              "test_info": "test_dataset_infor.json", "test_pairs": "test_twin_pairs.json"}
+
+
+@pytest.mark.parametrize("name, folder", [("t4x2", "/kaggle/input/nd-twin"), ("p100", "/kaggle/input/nd-twin"),
+                                          ("2080ti_x2", "/data")])
+def test_every_gpu_config_names_the_data_sets_own_files(name, folder):
+    import train
+    cfg = train.load_config(os.path.join(ROOT, "configs", f"{name}.yaml"), {})
+    assert {k: cfg[k] for k in DATA_FILES} == {k: f"{folder}/{f}" for k, f in DATA_FILES.items()}
+    old, new = cfg["path_remap"].split("=")
+    assert old == "/kaggle/input/nd-twin/ND_TWIN_Dataset_224/ND_TWIN_Dataset_224"
+    assert new.startswith(folder) and "448" in new  # 336 px from the 448-px crops, never upsampled 224s
+    assert cfg["img_size"] > 224 and cfg["cache_dir"].startswith(("/kaggle/working", "/data"))
+
+
 def test_sigkill_mid_epoch_then_resume_auto_matches_an_uninterrupted_run(tmp_path, synth_dir):
     straight = tmp_path / "straight"
     straight.mkdir()
