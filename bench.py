@@ -17,7 +17,7 @@ import time
 import torch
 
 import data
-from model import Encoding, TwinVerifier, ViT, ViTConfig, load_vit
+from model import Encoding, PromptCamVerifier, ViT, ViTConfig, load_vit
 
 
 def scoring(args):
@@ -29,7 +29,7 @@ def scoring(args):
         vit = ViT(ViTConfig(embed_dim=384, depth=args.depth, patch_size=14, num_registers=4, layerscale=True,
                             img_size=args.img_size))
         vit.fingerprint = "random"
-    model = TwinVerifier(vit, num_classes=10).eval()
+    model = PromptCamVerifier(vit, num_classes=10).eval()
     images = torch.randn(100, 3, args.img_size, args.img_size)
     a, b = torch.triu_indices(100, 100, 1)
     pick = torch.randperm(len(a), generator=torch.Generator().manual_seed(0))[:10_000]

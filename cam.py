@@ -26,6 +26,10 @@ from model import read_training_checkpoint, verifier_from_checkpoint
 
 def load_model(ckpt_path, device):
     ckpt = read_training_checkpoint(ckpt_path)
+    method = ckpt["model_args"].get("method", "promptcam")
+    if method != "promptcam":
+        raise SystemExit(f"{ckpt_path}: a method {method!r} checkpoint has no prompts, so there are no prompt maps "
+                         f"to draw; cam.py explains promptcam checkpoints (evaluate.py scores both)")
     try:
         model = verifier_from_checkpoint(ckpt, ckpt_path, ckpt["config"]["weights_dir"] or None)
     except ValueError as e:

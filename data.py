@@ -385,22 +385,89 @@ MARK_SITES = [(0.41, 0.27), (0.50, 0.25), (0.59, 0.27), (0.30, 0.55), (0.70, 0.5
 
 
 def _family_traits(rng, n_members, n=3):
-    """Each member's small marks, (x, y, radius) face-relative: what alone tells identical twins apart.
+    """Site style: each member's three moles at fixed face sites, what alone tells identical twins apart.
     Members share at most one site, so every twin differs from the other in at least two marks."""
     while True:
         sites = [set(rng.choice(len(MARK_SITES), n, replace=False).tolist()) for _ in range(n_members)]
         if all(len(a & b) <= 1 for i, a in enumerate(sites) for b in sites[i + 1:]):
             break
-    return [[(MARK_SITES[k][0] + rng.uniform(-0.012, 0.012), MARK_SITES[k][1] + rng.uniform(-0.012, 0.012),
-              rng.uniform(0.06, 0.07)) for k in sorted(member)] for member in sites]
+    return [[{"kind": "mole", "x": MARK_SITES[k][0] + rng.uniform(-0.012, 0.012),
+              "y": MARK_SITES[k][1] + rng.uniform(-0.012, 0.012), "r": rng.uniform(0.06, 0.07)}
+             for k in sorted(member)] for member in sites]
 
 
-def _draw_face(look, traits, rng, size):
-    """One photo: the shared look, the person's marks, and a new pose, light and expression."""
+MARK_KINDS = ("mole", "scar", "freckles", "brow_notch")
+
+
+def _random_traits(rng, look, n_members, n=3):
+    """Random style: each member's own n small marks of several kinds at random places on the face, a few
+    pixels each at 112 px; twins share nothing of them. r is the radius a mark covers, face-relative."""
+    out = []
+    for _ in range(n_members):
+        marks = []
+        for kind in rng.choice(MARK_KINDS, n):
+            if kind == "brow_notch":  # a gap across one eyebrow, somewhere along it
+                side, t = rng.choice([-1, 1]), rng.uniform(0.2, 0.8)
+                ex, ey, er = 0.5 + side * look["eye_dx"], look["eye_y"], look["eye_r"]
+                marks.append({"kind": "brow_notch", "x": ex - 2 * er + 4 * er * t, "y": ey - er * (2.2 + 0.2 * t),
+                              "r": 0.02})
+                continue
+            # a uniform point on the skin, clear of its edge
+            radius, angle = 0.8 * math.sqrt(rng.uniform()), rng.uniform(0, 2 * math.pi)
+            x = 0.5 + radius * look["face_w"] * 0.92 * math.cos(angle)
+            y = 0.56 + radius * look["face_h"] * 0.9 * math.sin(angle)
+            if kind == "mole":
+                marks.append({"kind": "mole", "x": x, "y": y, "r": rng.uniform(0.011, 0.018)})
+            elif kind == "scar":
+                marks.append({"kind": "scar", "x": x, "y": y, "r": rng.uniform(0.028, 0.04),
+                              "angle": rng.uniform(0, math.pi)})
+            else:
+                dots = [(rng.uniform(-0.03, 0.03), rng.uniform(-0.03, 0.03), rng.uniform(0.0055, 0.008))
+                        for _ in range(int(rng.integers(4, 7)))]
+                marks.append({"kind": "freckles", "x": x, "y": y, "r": 0.03 * math.sqrt(2) + 0.008, "dots": dots})
+        out.append(marks)
+    return out
+
+
+def _draw_mark(d, mark, look, P, S):
+    x, y, r = mark["x"], mark["y"], mark["r"]
+    if mark["kind"] == "mole":
+        d.ellipse([*P(x - r, y - r), *P(x + r, y + r)], fill=(60, 35, 25))
+    elif mark["kind"] == "scar":
+        dx, dy = r * math.cos(mark["angle"]), r * math.sin(mark["angle"])
+        d.line([*P(x - dx, y - dy), *P(x + dx, y + dy)], fill=(120, 50, 45), width=max(2, S // 112))
+    elif mark["kind"] == "freckles":
+        for ox, oy, dr in mark["dots"]:
+            d.ellipse([*P(x + ox - dr, y + oy - dr), *P(x + ox + dr, y + oy + dr)], fill=(110, 70, 45))
+    else:  # brow_notch: skin drawn across the brow
+        d.line([*P(x, y - 0.02), *P(x, y + 0.02)], fill=look["skin"], width=max(3, S // 60))
+
+
+def _photo_conditions(rng, size, style):
+    """What changes from one photo of a person to the next: background, expression, pose, focus, light and
+    sensor noise. The site style keeps ND TWIN's controlled setting (a similar grey background and light);
+    the random style varies them: any background colour, more pose, light falling from one side."""
+    if style == "sites":
+        grey = int(rng.integers(120, 150))
+        bg = tuple(grey + int(c) for c in rng.integers(-8, 9, 3))
+        smile = rng.uniform(-0.02, 0.03)
+        angle, tx, ty = rng.uniform(-2, 2), rng.uniform(-0.015, 0.015), rng.uniform(-0.015, 0.015)
+        blur, gain, light = rng.uniform(0, 1.2), rng.uniform(0.92, 1.08), (0.0, 0.0)
+    else:
+        bg = tuple(int(c) for c in rng.integers(40, 220, 3))
+        smile = rng.uniform(-0.02, 0.03)
+        angle, tx, ty = rng.uniform(-6, 6), rng.uniform(-0.04, 0.04), rng.uniform(-0.04, 0.04)
+        blur, gain, light = rng.uniform(0, 0.6), rng.uniform(0.85, 1.15), (rng.uniform(0, 2 * math.pi),
+                                                                         rng.uniform(0, 0.3))
+    return {"bg": bg, "smile": smile, "angle": angle, "tx": tx, "ty": ty, "blur": blur, "gain": gain,
+            "light": light, "noise": rng.normal(0, 3, (size, size, 3))}
+
+
+def _draw_face(look, marks, cond, size):
+    """One photo: the family's look, the person's marks, and the photo's conditions; returns the image and
+    each mark's [x, y, radius] in its pixels."""
     S = 2 * size  # draw at 2x and downsample, for smooth edges
-    # a controlled setting, as for ND TWIN: a similar grey background and light in every photo
-    grey = int(rng.integers(120, 150))
-    bg = tuple(grey + int(c) for c in rng.integers(-8, 9, 3))
+    bg = cond["bg"]
     im = Image.new("RGB", (S, S), bg)
     d = ImageDraw.Draw(im)
     P = lambda x, y: (x * S, y * S)  # noqa: E731
@@ -414,41 +481,47 @@ def _draw_face(look, traits, rng, size):
         d.line([*P(ex - er * 2, ey - er * 2.2), *P(ex + er * 2, ey - er * 2.4)], fill=look["hair"], width=S // 60)
     d.line([*P(0.5, look["eye_y"] + 0.03), *P(0.5, look["eye_y"] + 0.03 + look["nose"])],
            fill=tuple(c - 40 for c in look["skin"]), width=S // 70)
-    smile = rng.uniform(-0.02, 0.03)
     mw, my = look["mouth_w"], look["mouth_y"]
-    d.line([*P(0.5 - mw, my), *P(0.5, my + smile), *P(0.5 + mw, my)], fill=(150, 50, 50), width=S // 50, joint="curve")
-    for x, y, r in traits:
-        d.ellipse([*P(x - r, y - r), *P(x + r, y + r)], fill=(60, 35, 25))
-    # aligned crops: small residual pose, as after face alignment
-    angle, tx, ty = rng.uniform(-2, 2), rng.uniform(-0.015, 0.015) * S, rng.uniform(-0.015, 0.015) * S
+    d.line([*P(0.5 - mw, my), *P(0.5, my + cond["smile"]), *P(0.5 + mw, my)], fill=(150, 50, 50), width=S // 50,
+           joint="curve")
+    for mark in marks:
+        _draw_mark(d, mark, look, P, S)
+    # aligned crops: a residual pose, as after face alignment
+    angle, tx, ty = cond["angle"], cond["tx"] * S, cond["ty"] * S
     im = im.rotate(angle, resample=Image.BICUBIC, translate=(tx, ty), fillcolor=bg)
-    im = im.filter(ImageFilter.GaussianBlur(rng.uniform(0, 1.2))).resize((size, size), Image.LANCZOS)
-    arr = np.asarray(im).astype(np.float32) * rng.uniform(0.92, 1.08) + rng.normal(0, 3, (size, size, 3))
-    im = Image.fromarray(arr.clip(0, 255).astype(np.uint8))
+    im = im.filter(ImageFilter.GaussianBlur(cond["blur"])).resize((size, size), Image.LANCZOS)
+    arr = np.asarray(im).astype(np.float32) * cond["gain"]
+    direction, strength = cond["light"]
+    if strength:  # brighter on one side, darker on the other
+        t = (np.arange(size) + 0.5) / size - 0.5
+        arr = arr * (1 + strength * (math.cos(direction) * t[None, :, None] + math.sin(direction) * t[:, None, None]))
+    im = Image.fromarray((arr + cond["noise"]).clip(0, 255).astype(np.uint8))
     a = math.radians(angle)  # where each mark ended up: PIL rotates counter-clockwise about the centre
-    marks = []
-    for x, y, r in traits:
-        dx, dy = x * S - S / 2, y * S - S / 2
+    placed = []
+    for mark in marks:
+        dx, dy = mark["x"] * S - S / 2, mark["y"] * S - S / 2
         px = S / 2 + dx * math.cos(a) + dy * math.sin(a) + tx
         py = S / 2 - dx * math.sin(a) + dy * math.cos(a) + ty
-        marks.append([round(px / 2, 2), round(py / 2, 2), round(r * size, 2)])
-    return im, marks
+        placed.append([round(px / 2, 2), round(py / 2, 2), round(mark["r"] * size, 2)])
+    return im, placed
 
 
 def _synth_person(args):
-    out_dir, pid, files, look, traits, seed, size = args
+    out_dir, pid, files, look, marks, seed, size, style = args
     rng = np.random.default_rng(seed)
     os.makedirs(os.path.join(out_dir, "images", pid), exist_ok=True)
-    marks = {}
+    placed = {}
     for name in files:
         path = os.path.abspath(os.path.join(out_dir, "images", pid, name))
-        im, marks[path] = _draw_face(look, traits, rng, size)
+        im, placed[path] = _draw_face(look, marks, _photo_conditions(rng, size, style), size)
         im.save(path, quality=92)
-    return marks
+    return placed
 
 
-def synth(out_dir, shape="demo", size=112, seed=0, structure_file=None):
-    """Write images/ID/*.jpg, {train,test}_{info,pairs}.json and traits.json (every mark, in pixels)."""
+def synth(out_dir, shape="demo", size=112, seed=0, structure_file=None, traits="sites"):
+    """Write images/ID/*.jpg, {train,test}_{info,pairs}.json and traits.json (every mark, in pixels).
+    traits: 'sites' (three moles at nine fixed sites, a controlled setting) or 'random' (marks of several
+    kinds at random places, varied pose, light and background)."""
     structure_file = structure_file or os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                     "tests", "fixtures", "nd_twin_split_structure.json")
     rng = np.random.default_rng(seed)
@@ -459,9 +532,11 @@ def synth(out_dir, shape="demo", size=112, seed=0, structure_file=None):
         face_of = {}  # (look, marks): a family shares one look; each member has its own marks
         for family in twin_families(len(ids), [(index[a], index[b]) for a, b in pairs]):
             look = _family_look(rng)
-            face_of.update({ids[p]: (look, traits) for p, traits in zip(family, _family_traits(rng, len(family)))})
+            members = (_family_traits(rng, len(family)) if traits == "sites" else
+                       _random_traits(rng, look, len(family)))
+            face_of.update({ids[p]: (look, marks) for p, marks in zip(family, members)})
         for pid in ids:
-            jobs.append((out_dir, pid, images[pid], *face_of[pid], int(rng.integers(2**31)), size))
+            jobs.append((out_dir, pid, images[pid], *face_of[pid], int(rng.integers(2**31)), size, traits))
         files[split] = ({pid: [os.path.abspath(os.path.join(out_dir, "images", pid, n)) for n in images[pid]]
                          for pid in ids}, pairs)
     with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
@@ -487,9 +562,12 @@ def main(argv=None):
                    help="demo: small; real: the real split's ids, image counts and pairs")
     s.add_argument("--size", type=int, default=112, help="saved image side in pixels")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--traits", choices=["sites", "random"], default="sites",
+                   help="sites: three moles at fixed face sites, controlled setting; random: small marks of "
+                        "several kinds at random places, varied pose, light and background")
     s.add_argument("--structure", help="the real split's shape (default: tests/fixtures/nd_twin_split_structure.json)")
     args = ap.parse_args(argv)
-    synth(args.out, args.shape, args.size, args.seed, args.structure)
+    synth(args.out, args.shape, args.size, args.seed, args.structure, args.traits)
 
 
 if __name__ == "__main__":

@@ -163,7 +163,7 @@ def encode_images(model, images, device, precision="fp32", batch_size=64):
     for i in range(0, len(images), batch_size):
         with autocast(device, precision):
             parts.append(model.encode(data.normalize(images[i:i + batch_size].to(device))))
-    return Encoding.cat(parts)
+    return torch.cat(parts) if torch.is_tensor(parts[0]) else Encoding.cat(parts)  # arcface: embeddings
 
 
 def verifier_scores(model, images, a, b, device, precision="fp32"):
@@ -272,7 +272,7 @@ def main(argv=None):
         model = verifier_from_checkpoint(ckpt, args.ckpt, cfg["weights_dir"] or None).to(device)
         scores, t_enc, t_score = verifier_scores(model, images, a, b, device, default_precision(device))
         threshold = ckpt["threshold"] if ckpt.get("threshold") is not None else args.threshold
-        title = f"Prompt-CAM verifier, epoch {ckpt['epoch'] + 1}"
+        title = f"{model.method} verifier, epoch {ckpt['epoch'] + 1}"
     t0 = time.perf_counter()
     result = report(scores, kind, fam_a, fam_b, len(split.families), threshold, args.bootstrap)
     t_metrics = time.perf_counter() - t0

@@ -1,4 +1,5 @@
-"""A hand-written DINO/DINOv2 ViT and the open-set Prompt-CAM twin verifier (see ../shared/design.md).
+"""A hand-written DINO/DINOv2 ViT, the open-set Prompt-CAM twin verifier (see ../shared/design.md) and the
+ArcFace embedding it is measured against.
 
 ViT: patch embedding, CLS token (+ optional registers), learned positional embedding resampled once to
 the training size, pre-norm blocks with optional LayerScale, final LayerNorm. It loads the official
@@ -308,34 +309,100 @@ class PromptGenerator(nn.Module):
         return self.fc2(F.gelu(self.fc1(torch.cat([self.norm(cls), local], dim=-1))))
 
 
-class TwinVerifier(nn.Module):
-    def __init__(self, vit: ViT, num_classes, deep_prompts=4, train_blocks=0):
+def freeze_backbone(vit, train_blocks):
+    """Freeze the ViT except its last train_blocks blocks and final norm; all of it (embeddings too, for weak
+    or untrained backbones) when train_blocks is its depth."""
+    L = vit.cfg.depth
+    if not 0 <= train_blocks <= L:
+        raise ValueError(f"train_blocks={train_blocks} must lie in 0..{L}")
+    vit.requires_grad_(train_blocks == L)
+    for block in vit.blocks[L - train_blocks:] if train_blocks else []:
+        block.requires_grad_(True)
+    if train_blocks:
+        vit.norm.requires_grad_(True)
+
+
+class Verifier(nn.Module):
+    """What both methods share: a partly frozen ViT, and checkpoints that hold the trainable weights only."""
+    method = None
+
+    def __init__(self, vit: ViT, train_blocks):
         super().__init__()
-        D, L = vit.cfg.embed_dim, vit.cfg.depth
-        if not 0 <= train_blocks <= L:
-            raise ValueError(f"train_blocks={train_blocks} must lie in 0..{L}")
-        self.vit = vit
-        for p in vit.parameters():
-            p.requires_grad_(False)
-        for block in vit.blocks[L - train_blocks:] if train_blocks else []:
-            block.requires_grad_(True)
-        if train_blocks:
-            vit.norm.requires_grad_(True)
-        if train_blocks == L:  # the whole backbone: embeddings too (for weak or untrained backbones)
-            vit.requires_grad_(True)
-        # VPT-Deep: fresh class-agnostic prompts at the input of blocks 1..L-1, replaced at every layer
-        self.deep_prompts = nn.Parameter(torch.randn(L - 1, deep_prompts, D) * 0.02)
-        self.class_prompts = nn.Parameter(torch.randn(num_classes, D) * 0.02)
-        self.generator = PromptGenerator(D, vit.grid ** 2)
-        self.score_w = nn.Parameter(torch.randn(D) / math.sqrt(D))
-        self.train_blocks = train_blocks
+        freeze_backbone(vit, train_blocks)
+        self.vit, self.train_blocks = vit, train_blocks
 
     def summary(self):
         n_train = sum(p.numel() for p in self.parameters() if p.requires_grad)
         n_all = sum(p.numel() for p in self.parameters())
         frozen = ("nothing frozen" if self.train_blocks == len(self.vit.blocks) else
-                  f"backbone frozen except the last {self.train_blocks} blocks")
-        return f"model: {n_train:,} trainable of {n_all:,} parameters ({frozen})"
+                  f"backbone frozen except the last {self.train_blocks} blocks" if self.train_blocks else
+                  "backbone frozen")
+        return f"model ({self.method}): {n_train:,} trainable of {n_all:,} parameters ({frozen})"
+
+    def trainable_state(self):
+        return {k: v for k, v in self.state_dict(keep_vars=True).items() if v.requires_grad}
+
+    def load_trainable_state(self, state, source):
+        expected = self.trainable_state()
+        check_state_dict(expected, state, source)
+        with torch.no_grad():
+            for k, v in expected.items():
+                v.copy_(state[k])
+
+
+class ArcFaceVerifier(Verifier):
+    """The conventional yardstick: an embedding of the ViT's final tokens (CLS and the mean of the patches,
+    projected and normalised), trained with an additive angular margin over the training identities
+    (ArcFace); the pair score is the cosine of the two embeddings."""
+    method = "arcface"
+
+    def __init__(self, vit: ViT, num_classes, train_blocks=0, margin=0.3, scale=30.0):
+        super().__init__(vit, train_blocks)
+        D = vit.cfg.embed_dim
+        self.project = nn.Linear(2 * D, D)
+        self.class_centres = nn.Parameter(torch.randn(num_classes, D) * 0.02)
+        self.margin, self.scale = margin, scale
+
+    def encode(self, images):
+        """(B, D) unit embeddings; each image's depends on that image alone."""
+        x = self.vit(images)
+        pooled = torch.cat([x[:, 0], x[:, self.vit.num_prefix:].mean(1)], -1)
+        return F.normalize(self.project(pooled).float(), dim=-1)
+
+    def forward(self, images):
+        """Training view: (embeddings (B, D), cosines to every training identity's centre (B, C))."""
+        emb = self.encode(images)
+        return emb, emb @ F.normalize(self.class_centres.float(), dim=-1).T
+
+    def loss_terms(self, outputs, labels):
+        """Cross-entropy over scale * cos, the true class's angle widened by the margin (ArcFace); past
+        pi - margin, where cos(theta + m) would turn back up, the usual linear continuation."""
+        _, cos = outputs
+        cos = cos.float().clamp(-1 + 1e-7, 1 - 1e-7)
+        target = cos.gather(1, labels[:, None])
+        m = self.margin
+        widened = torch.where(target > math.cos(math.pi - m),
+                              target * math.cos(m) - (1 - target ** 2).sqrt() * math.sin(m),
+                              target - math.sin(math.pi - m) * m)
+        return {"class": F.cross_entropy(self.scale * cos.scatter(1, labels[:, None], widened), labels)}
+
+    @torch.no_grad()
+    def score_pairs(self, emb, a, b):
+        a, b = torch.as_tensor(a, dtype=torch.long), torch.as_tensor(b, dtype=torch.long)
+        return (emb[a] * emb[b]).sum(-1)
+
+
+class PromptCamVerifier(Verifier):
+    method = "promptcam"
+
+    def __init__(self, vit: ViT, num_classes, deep_prompts=4, train_blocks=0):
+        super().__init__(vit, train_blocks)
+        D, L = vit.cfg.embed_dim, vit.cfg.depth
+        # VPT-Deep: fresh class-agnostic prompts at the input of blocks 1..L-1, replaced at every layer
+        self.deep_prompts = nn.Parameter(torch.randn(L - 1, deep_prompts, D) * 0.02)
+        self.class_prompts = nn.Parameter(torch.randn(num_classes, D) * 0.02)
+        self.generator = PromptGenerator(D, vit.grid ** 2)
+        self.score_w = nn.Parameter(torch.randn(D) / math.sqrt(D))
 
     @property
     def num_heads(self):
@@ -400,6 +467,19 @@ class TwinVerifier(nn.Module):
         directed, _ = self.score_prompts(enc.prompt[None], enc)  # [j, i] = s(p(x_i); x_j)
         return class_scores, (directed + directed.T) / 2, enc.prompt
 
+    def loss_terms(self, outputs, labels):
+        """Cross-entropy over the training identities' prompts (literal Prompt-CAM); an episodic term where
+        each image's generated prompt must pick out the same person among the batch (siblings included);
+        and a pull of p(x) toward its identity's prompt P_y."""
+        class_scores, pair_scores, prompts = outputs
+        ce = F.cross_entropy(class_scores.float(), labels)
+        eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
+        logits = pair_scores.float().masked_fill(eye, float("-inf"))
+        positive = (labels[:, None] == labels[None]) & ~eye
+        episodic = (logits.logsumexp(1) - logits.masked_fill(~positive, float("-inf")).logsumexp(1)).mean()
+        pull = (prompts.float() - self.class_prompts[labels].float()).pow(2).mean()
+        return {"class": ce, "episodic": episodic, "pull": pull}
+
     @torch.no_grad()
     def score_pairs(self, enc: Encoding, a, b, chunk=4096):
         """Symmetric scores of image pairs (a[k], b[k]) from cached encodings: two prompt rows per pair.
@@ -432,23 +512,33 @@ class TwinVerifier(nn.Module):
         score = (on_b_s[0, 0] + on_a_s[0, 1]) / 2  # s(p(A); B) and s(p(B); A)
         return float(score), maps
 
-    def trainable_state(self):
-        return {k: v for k, v in self.state_dict(keep_vars=True).items() if v.requires_grad}
 
-    def load_trainable_state(self, state, source):
-        expected = self.trainable_state()
-        check_state_dict(expected, state, source)
-        with torch.no_grad():
-            for k, v in expected.items():
-                v.copy_(state[k])
+METHODS = ("promptcam", "arcface")
 
 
-def build_verifier(arch, img_size, num_classes, deep_prompts, train_blocks, weights_dir=None):
+def build_verifier(arch, img_size, num_classes, deep_prompts, train_blocks, method="promptcam", margin=0.3,
+                   scale=30.0, weights_dir=None):
+    """The verifier a config describes; arcface reads no deep prompts, promptcam no margin or scale."""
     vit = load_vit(arch, img_size, weights_dir)
     if vit.family == "scratch" and train_blocks != vit.cfg.depth:
         raise ValueError(f"{arch} has no pre-trained weights, so it trains whole: set train_blocks to its depth "
                          f"{vit.cfg.depth} (got {train_blocks})")
-    return TwinVerifier(vit, num_classes, deep_prompts, train_blocks)
+    if method == "arcface":
+        return ArcFaceVerifier(vit, num_classes, train_blocks, margin, scale)
+    return PromptCamVerifier(vit, num_classes, deep_prompts, train_blocks)
+
+
+def official_backbone_state(vit):
+    """The ViT's weights in the official checkpoint layout, so `arch: FILE` loads them strictly: DINOv2's
+    (mask token, LayerScale of ones where the ViT has none) unless it came from a DINO v1 checkpoint."""
+    state = {k: v.detach().cpu().clone() for k, v in vit.state_dict().items()}
+    if vit.family == "dino":
+        return state
+    state["mask_token"] = torch.zeros(1, vit.cfg.embed_dim)
+    for i in range(vit.cfg.depth) if not vit.cfg.layerscale else []:
+        state[f"blocks.{i}.ls1.gamma"] = torch.ones(vit.cfg.embed_dim)
+        state[f"blocks.{i}.ls2.gamma"] = torch.ones(vit.cfg.embed_dim)
+    return state
 
 
 def read_training_checkpoint(path):

@@ -1,4 +1,4 @@
-"""Train the Prompt-CAM twin verifier.
+"""Train the Prompt-CAM twin verifier (or, with `--method arcface`, the ArcFace embedding it is measured against).
 
     python train.py --cfg configs/cpu_demo.yaml
     torchrun --nproc_per_node 2 train.py --cfg configs/t4x2.yaml
@@ -19,13 +19,12 @@ import time
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 import yaml
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import evaluate
-from model import build_verifier, read_training_checkpoint
+from model import METHODS, build_verifier, official_backbone_state, read_training_checkpoint
 from progress import Progress, format_seconds
 from tracking import make_tracker
 
@@ -33,8 +32,9 @@ DEFAULTS = {
     # data: the user's info files; path_remap 'OLD=NEW' rewrites paths made on another machine
     "train_info": "", "train_pairs": "", "test_info": "", "test_pairs": "", "path_remap": "",
     "cache_dir": "cache", "cache_device": "auto",  # auto: on the GPU when it takes under a quarter of it
-    # model
-    "arch": "dinov2_vits14", "weights_dir": "", "img_size": 224, "deep_prompts": 4, "train_blocks": 0,
+    # model; method arcface is the conventional yardstick (no prompts, margin loss, cosine score)
+    "method": "promptcam", "arch": "dinov2_vits14", "weights_dir": "", "img_size": 224, "deep_prompts": 4,
+    "train_blocks": 0, "margin": 0.3, "scale": 30.0,  # the angular margin and logit scale of arcface's loss
     # optimisation
     "epochs": 30, "batch_size": 64, "images_per_person": 4, "lr": 2e-3, "weight_decay": 0.05,
     "warmup_epochs": 1, "loss_class": 1.0, "loss_episodic": 1.0, "loss_pull": 0.1, "hflip": False,
@@ -43,7 +43,7 @@ DEFAULTS = {
     "out_dir": "ckpt", "tracker": "none", "run_name": "", "mlflow_uri": "", "mlflow_experiment": "",
     "wandb_project": "twin-verification", "wandb_entity": "",
 }
-CHOICES = {"cache_device": ("auto", "cuda", "cpu"), "precision": ("auto", "fp32", "fp16", "bf16"),
+CHOICES = {"method": METHODS, "cache_device": ("auto", "cuda", "cpu"), "precision": ("auto", "fp32", "fp16", "bf16"),
            "compile": ("auto", "true", "false"), "tracker": ("none", "mlflow", "wandb")}
 # What a resumed run may change: where things are and how they are tracked, never what is trained.
 RESUMABLE = {"epochs", "out_dir", "cache_dir", "cache_device", "path_remap", "weights_dir", "compile", "tracker",
@@ -182,20 +182,7 @@ def check_resume_config(cfg, ckpt_cfg, path):
                          f"out_dir:\n  " + "\n  ".join(changed))
 
 
-# ---------------------------------------------------------------- the loss
-
-def loss_terms(class_scores, pair_scores, prompts, labels, class_prompts):
-    """Cross-entropy over the training identities' prompts (literal Prompt-CAM); an episodic term where
-    each image's generated prompt must pick out the same person among the batch (siblings included);
-    and a pull of p(x) toward its identity's prompt P_y."""
-    ce = F.cross_entropy(class_scores.float(), labels)
-    eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
-    logits = pair_scores.float().masked_fill(eye, float("-inf"))
-    positive = (labels[:, None] == labels[None]) & ~eye
-    episodic = (logits.logsumexp(1) - logits.masked_fill(~positive, float("-inf")).logsumexp(1)).mean()
-    pull = (prompts.float() - class_prompts[labels].float()).pow(2).mean()
-    return ce, episodic, pull
-
+# ---------------------------------------------------------------- timing
 
 class PhaseTimer:
     """Wall time per phase of a step, synchronising the GPU at each mark (benchmark only)."""
@@ -279,12 +266,13 @@ def main(argv=None):
 
     # ---- model, optimiser, schedule
     torch.manual_seed(cfg["seed"])
-    raw = rank0_first(lambda: build_verifier(cfg["arch"], cfg["img_size"], len(train_split.ids), cfg["deep_prompts"],
-                                             cfg["train_blocks"], cfg["weights_dir"] or None), ddp).to(device)
+    model_args = {k: cfg[k] for k in ("method", "arch", "img_size", "deep_prompts", "train_blocks", "margin", "scale")}
+    model_args["num_classes"] = len(train_split.ids)
+    raw = rank0_first(lambda: build_verifier(**model_args, weights_dir=cfg["weights_dir"] or None), ddp).to(device)
     log(raw.summary())
     batch_size = cfg["batch_size"]
     if batch_size == "auto":
-        batch_size = largest_batch(raw, train_images, K, device, precision, log)
+        batch_size = largest_batch(raw, train_images, labels, K, device, precision, log)
     batches = data.FamilyBatches(train_split, K, max(1, batch_size // (2 * K)), cfg["seed"], rank, world)
     named = [(n, p) for n, p in raw.named_parameters() if p.requires_grad]
     decay = [p for n, p in named if p.ndim >= 2 and "prompts" not in n]
@@ -326,9 +314,8 @@ def main(argv=None):
         x = data.augment(x, gen, cfg["hflip"])
         timer and timer.mark("augmentation")
         with evaluate.autocast(device, precision):
-            class_scores, pair_scores, prompts = model(x)
-            ce, episodic, pull = loss_terms(class_scores, pair_scores, prompts, y, raw.class_prompts)
-            loss = cfg["loss_class"] * ce + cfg["loss_episodic"] * episodic + cfg["loss_pull"] * pull
+            terms = raw.loss_terms(model(x), y)  # {name: term}, weighted by the config's loss_<name>
+            loss = sum(cfg[f"loss_{name}"] * term for name, term in terms.items())
         timer and timer.mark("forward")
         scaler.scale(loss).backward()
         timer and timer.mark("backward")
@@ -380,10 +367,7 @@ def main(argv=None):
             rngs = [None] * world
             dist.all_gather_object(rngs, rng)
         if master:
-            state = {"config": cfg, "model_args": {"arch": cfg["arch"], "img_size": cfg["img_size"],
-                                                   "num_classes": len(train_split.ids),
-                                                   "deep_prompts": cfg["deep_prompts"],
-                                                   "train_blocks": cfg["train_blocks"]},
+            state = {"config": cfg, "model_args": model_args,
                      "backbone_fingerprint": raw.vit.fingerprint, "class_ids": train_split.ids,
                      "model": {k: v.detach().cpu() for k, v in raw.trainable_state().items()},
                      "optimizer": optimizer.state_dict(), "scheduler": schedule.state_dict(),
@@ -394,6 +378,9 @@ def main(argv=None):
             data.save_atomically(state, os.path.join(cfg["out_dir"], "last.pt"))
             if improved:
                 data.save_atomically(state, os.path.join(cfg["out_dir"], "best.pt"))
+            if raw.method == "arcface" and (improved or val_split is None):
+                # the trained backbone as an official checkpoint: `arch: .../backbone.pth` freezes it elsewhere
+                data.save_atomically(official_backbone_state(raw.vit), os.path.join(cfg["out_dir"], "backbone.pth"))
             tracker.log_metrics(stats, epoch)
         epoch_times.append(time.perf_counter() - epoch_start)
         eta = (cfg["epochs"] - epoch - 1) * sum(epoch_times) / len(epoch_times)
@@ -440,7 +427,7 @@ def check_ranks_agree(raw, ddp, world, log):
     log(f"trainable weights identical on all {world} ranks ({flat.numel():,} values)")
 
 
-def largest_batch(raw, images, K, device, precision, log):
+def largest_batch(raw, images, labels, K, device, precision, log):
     """The largest batch (whole families of K images per person) whose training step fits in GPU memory."""
     if device.type != "cuda":
         log("batch_size auto: no GPU, using 64")
@@ -451,8 +438,7 @@ def largest_batch(raw, images, K, device, precision, log):
         try:
             x = data.augment(images[:n].to(device), gen)
             with evaluate.autocast(device, precision):
-                class_scores, pair_scores, prompts = raw(x)
-                loss = class_scores.float().logsumexp(1).mean() + pair_scores.float().mean() + prompts.float().mean()
+                loss = sum(raw.loss_terms(raw(x), labels[:n]).values())
             loss.backward()
             return True
         except torch.OutOfMemoryError:

@@ -189,8 +189,10 @@ def test_augmentation_is_seeded_per_sample_and_keeps_sides():
     assert left > right  # no horizontal flip by default
 
 
-def test_synth_real_shape_matches_the_split(tmp_path):
-    run_py(["data.py", "synth", "--out", str(tmp_path), "--shape", "real", "--size", "16"], timeout=900)
+@pytest.mark.parametrize("traits", ["sites", "random"])
+def test_synth_real_shape_matches_the_split(tmp_path, traits):
+    run_py(["data.py", "synth", "--out", str(tmp_path), "--shape", "real", "--size", "16", "--traits", traits],
+           timeout=900)
     with open(os.path.join(FIXTURES, "nd_twin_split_structure.json")) as f:
         real = json.load(f)
     for name, n_ids, n_images in (("train", 353, 6182), ("test", 62, 907)):
@@ -199,9 +201,35 @@ def test_synth_real_shape_matches_the_split(tmp_path):
         assert sorted(map(sorted, json.load(open(tmp_path / f"{name}_pairs.json")))) == \
             sorted(map(sorted, real[name]["twin_pairs"]))
     marks = json.load(open(tmp_path / "traits.json"))["marks"]
-    assert len(marks) == 6182 + 907 and all(len(v) == 3 for v in marks.values())
+    assert len(marks) == 6182 + 907 and all(len(v) == 3 and all(len(m) == 3 for m in v) for v in marks.values())
     from evaluate import protocol_pairs, GENUINE, TWIN, OTHER
     test = data.load_split(str(tmp_path / "test_info.json"), str(tmp_path / "test_pairs.json"))
     _, _, kind, _, _ = protocol_pairs(test, all_impostors=True)
     assert ((kind == GENUINE).sum(), (kind == TWIN).sum(), (kind != GENUINE).sum()) == (9485, 9849, 401386)
     assert (kind == OTHER).sum() == 401386 - 9849
+
+
+def test_random_style_twins_in_the_same_photo_conditions_differ_only_inside_their_marks():
+    import numpy as np
+    size = 112
+    rng = np.random.default_rng(3)
+    look = data._family_look(rng)
+    marks_a, marks_b = data._random_traits(rng, look, 2, n=4)
+    kinds = {m["kind"] for m in marks_a + marks_b}
+    assert len(kinds) >= 3, kinds  # marks of several kinds
+    for trial in range(3):
+        cond = data._photo_conditions(np.random.default_rng(trial), size, "random")
+        im_a, placed_a = data._draw_face(look, marks_a, cond, size)
+        im_b, placed_b = data._draw_face(look, marks_b, cond, size)
+        differs = np.abs(np.asarray(im_a, dtype=np.int16) - np.asarray(im_b, dtype=np.int16)).max(-1) > 0
+        yy, xx = np.mgrid[0:size, 0:size] + 0.5
+        inside = np.zeros_like(differs)
+        for x, y, r in placed_a + placed_b:  # a mark's radius, plus the 3 px a Lanczos downsampling reaches
+            inside |= (xx - x) ** 2 + (yy - y) ** 2 <= (r + 4.5) ** 2  # and a pixel's diagonal
+        assert differs.any() and not (differs & ~inside).any(), np.argwhere(differs & ~inside)[:5]
+        assert all(r < 6 for _, _, r in placed_a + placed_b)  # small: a few pixels at the saved size
+    # and another photo of the same person differs everywhere: pose, light and background vary
+    other = data._photo_conditions(np.random.default_rng(99), size, "random")
+    im_a2, _ = data._draw_face(look, marks_a, other, size)
+    changed = np.abs(np.asarray(im_a2, dtype=np.int16) - np.asarray(im_a, dtype=np.int16)).max(-1) > 20
+    assert changed.mean() > 0.5

@@ -1,4 +1,5 @@
 import inspect
+import math
 import os
 
 import pytest
@@ -36,7 +37,7 @@ def test_architecture_is_read_from_the_checkpoint():
 @pytest.fixture
 def verifier():
     torch.manual_seed(0)
-    m = model.TwinVerifier(model.load_vit(TINY_ARCH, 56), num_classes=7, deep_prompts=2).eval()
+    m = model.PromptCamVerifier(model.load_vit(TINY_ARCH, 56), num_classes=7, deep_prompts=2).eval()
     # non-trivial trained-like weights, so a broken path cannot hide behind zeros
     with torch.no_grad():
         for p in m.parameters():
@@ -125,7 +126,7 @@ def test_backbone_is_frozen_and_gets_no_gradient(verifier):
 
 
 def test_last_blocks_trainable_on_request():
-    m = model.TwinVerifier(model.load_vit(TINY_ARCH, 56), 3, train_blocks=1)
+    m = model.PromptCamVerifier(model.load_vit(TINY_ARCH, 56), 3, train_blocks=1)
     assert all(p.requires_grad for p in m.vit.blocks[-1].parameters())
     assert not any(p.requires_grad for p in m.vit.blocks[0].parameters())
 
@@ -162,3 +163,47 @@ def test_bad_backbone_inputs(tmp_path):
         model.load_vit(str(tmp_path / "broken.pth"), 224)
     assert "missing key blocks.1.mlp.fc2.bias" in str(err.value)
     assert "blocks.0.attn.qkv.weight: shape (10, 128), expected (384, 128)" in str(err.value)
+
+
+def test_arcface_embedding_of_an_image_does_not_depend_on_its_batch():
+    torch.manual_seed(0)
+    m = model.build_verifier(TINY_ARCH, 56, num_classes=5, deep_prompts=2, train_blocks=1, method="arcface").eval()
+    assert m.method == "arcface" and not hasattr(m, "deep_prompts")
+    x = torch.randn(6, 3, 56, 56)
+    with torch.no_grad():
+        together = m.encode(x)
+        alone = torch.cat([m.encode(x[i:i + 1]) for i in range(6)])
+        others = m.encode(torch.cat([x[3:4], torch.randn(5, 3, 56, 56)]))[0]
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=0)
+    torch.testing.assert_close(together[3], others, atol=1e-5, rtol=0)
+    torch.testing.assert_close(together.norm(dim=-1), torch.ones(6))
+    scores = m.score_pairs(together, [0, 1], [2, 3])
+    torch.testing.assert_close(scores, torch.nn.functional.cosine_similarity(together[[0, 1]], together[[2, 3]]))
+
+
+def test_arcface_loss_widens_the_true_angle_by_the_margin():
+    m = model.ArcFaceVerifier(model.load_vit(TINY_ARCH, 56), num_classes=3, margin=0.3, scale=30.0)
+    cos = torch.tensor([[0.8, 0.1, -0.2], [0.0, 0.5, 0.2]])
+    labels = torch.tensor([0, 1])
+    want = torch.tensor([[math.cos(math.acos(0.8) + 0.3), 0.1, -0.2], [0.0, math.cos(math.acos(0.5) + 0.3), 0.2]])
+    loss = m.loss_terms((None, cos), labels)["class"]
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(30 * want, labels))
+    with torch.no_grad():  # no margin: plain softmax cross-entropy over scaled cosines
+        m.margin = 0.0
+        torch.testing.assert_close(m.loss_terms((None, cos), labels)["class"],
+                                   torch.nn.functional.cross_entropy(30 * cos, labels))
+
+
+@pytest.mark.parametrize("arch", ["scratch_vit_tiny14", TINY_ARCH, os.path.join(VIT, "dino_tiny16.pth")])
+def test_backbone_in_the_official_layout_loads_strictly_with_the_same_tokens(arch, tmp_path):
+    size = 84 if "16" not in arch else 96
+    vit = model.load_vit(arch, size)
+    with torch.no_grad():  # weights a training run moved, so nothing passes by being the initial ones
+        for p in vit.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    torch.save(model.official_backbone_state(vit), tmp_path / "backbone.pth")
+    again = model.load_vit(str(tmp_path / "backbone.pth"), size)
+    assert again.family == ("dino" if "16" in arch else "dinov2_reg" if "reg" in arch else "dinov2")
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        torch.testing.assert_close(again.eval()(x), vit.eval()(x), atol=1e-6, rtol=0)

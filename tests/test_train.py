@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, run_py, tiny_config
+from conftest import ROOT, TINY_ARCH, run_py, tiny_config
 
 
 def trainable(path):
@@ -304,3 +304,30 @@ def test_time_budget_stops_cleanly_after_a_saved_epoch(tmp_path, synth_dir):
     out = run_py(["train.py", "--cfg", cfg, "--resume", "auto", "--time-budget", "1h"]).stdout
     assert "epoch 2/4 |" in out and "epoch 4/4 |" in out
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["epoch"] == 3
+
+
+def test_arcface_method_trains_evaluates_writes_its_backbone_and_keeps_its_method(tmp_path, synth_dir):
+    import model
+    cfg = tiny_config(tmp_path, synth_dir, epochs=2, method="arcface", train_blocks=1)
+    run_py(["train.py", "--cfg", cfg])
+    run = tmp_path / "run"
+    assert {"best.pt", "last.pt", "backbone.pth"} <= set(os.listdir(run))
+    ckpt = model.read_training_checkpoint(str(run / "best.pt"))
+    assert ckpt["model_args"]["method"] == "arcface"
+    trained = model.verifier_from_checkpoint(ckpt, "best.pt").eval()
+    backbone = model.load_vit(str(run / "backbone.pth"), 56).eval()  # strictly, as `arch: backbone.pth`
+    x = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        torch.testing.assert_close(backbone(x), trained.vit(x), atol=1e-6, rtol=0)
+        assert not torch.allclose(backbone(x), model.load_vit(TINY_ARCH, 56).eval()(x), atol=1e-3)  # it trained
+
+    run_py(["evaluate.py", "--ckpt", str(run / "best.pt"), "--out", str(tmp_path / "eval")])
+    metrics = json.load(open(tmp_path / "eval" / "metrics.json"))
+    assert metrics["n_genuine"] > 0 and metrics["n_twin"] > 0 and 0 <= metrics["eer"] <= 1
+    proc = run_py(["cam.py", "--ckpt", str(run / "best.pt"), "a.jpg", "b.jpg"], check=False)
+    assert proc.returncode != 0 and "'arcface' checkpoint has no prompts" in proc.stderr
+    proc = run_py(["train.py", "--cfg", cfg, "--epochs", "3", "--method", "promptcam", "--resume", "auto"],
+                  check=False)
+    assert proc.returncode != 0 and "method: 'arcface' in the checkpoint, 'promptcam' now" in proc.stderr
+    proc = run_py(["train.py", "--cfg", cfg, "--method", "siamese"], check=False)
+    assert proc.returncode != 0 and "'method' must be one of ('promptcam', 'arcface')" in proc.stderr
