@@ -22,6 +22,7 @@ import data
 import plots
 from evaluate import GENUINE, TWIN, protocol_pairs
 from model import read_training_checkpoint, verifier_from_checkpoint
+from tracking import Tracker, tracker_of_checkpoint
 
 
 def load_model(ckpt_path, device):
@@ -133,6 +134,13 @@ def figure(image_a, image_b, name_a, name_b, score, threshold, heads, maps, pane
     return out
 
 
+def pair_figure(model, image_a, image_b, name_a, name_b, threshold, heads, device):
+    """(score, explanation figure) of two uint8 images."""
+    enc_a, enc_b = encode_pair(model, image_a, image_b, device)
+    score, top, maps = explain(model, enc_a, enc_b, heads)
+    return score, figure(image_a, image_b, name_a, name_b, score, threshold, top, maps)
+
+
 def pick_pairs(split, n):
     """n test pairs, half twin impostors and half genuine, spread evenly through the protocol (deterministic)."""
     a, b, kind, _, _ = protocol_pairs(split)
@@ -151,17 +159,17 @@ def test_images(ckpt, args):
     return split, data.build_cache(split.paths, cfg["img_size"], cfg["cache_dir"])
 
 
-def gallery(model, ckpt, args, device):
+def gallery(model, ckpt, args, device, tracker):
     split, images = test_images(ckpt, args)
     os.makedirs(args.out, exist_ok=True)
     entries = []
     for i, (a, b, kind) in enumerate(pick_pairs(split, args.n)):
-        enc_a, enc_b = encode_pair(model, images[a], images[b], device)
-        score, heads, maps = explain(model, enc_a, enc_b, args.heads)
-        name = f"pair_{i:03d}_{'twin' if kind == TWIN else 'genuine'}.png"
-        figure(images[a], images[b], split.paths[a], split.paths[b], score, ckpt["threshold"], heads,
-               maps).save(os.path.join(args.out, name))
-        entries.append((name, "twin impostor" if kind == TWIN else "genuine", score))
+        score, fig = pair_figure(model, images[a], images[b], split.paths[a], split.paths[b], ckpt["threshold"],
+                                 args.heads, device)
+        name = f"pair_{i:03d}_{'twin' if kind == TWIN else 'genuine'}"
+        fig.save(os.path.join(args.out, name + ".png"))
+        tracker.log_image(f"test_{name}", fig, ckpt["epoch"])
+        entries.append((name + ".png", "twin impostor" if kind == TWIN else "genuine", score))
     rows = "\n".join(f"<h3>{html.escape(kind)}: score {score:+.4f}</h3><img src='{name}'>" for name, kind, score
                      in entries)
     with open(os.path.join(args.out, "index.html"), "w") as f:
@@ -277,30 +285,39 @@ def main(argv=None):
     ap.add_argument("--test-info", help="default: the checkpoint's test_info")
     ap.add_argument("--test-pairs", help="default: the checkpoint's test_pairs")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--tracker", action="store_true",
+                    help="with --pairs, --faithfulness or --trait-hits: also log the figures or figures' checks to the "
+                         "training run (the checkpoint's tracker and run id)")
     args = ap.parse_args(argv)
     modes = sum([bool(args.images), bool(args.pairs), args.faithfulness, bool(args.trait_hits)])
     if modes != 1 or (args.images and len(args.images) != 2):
         ap.error("give two images, or one of --pairs, --faithfulness, --trait-hits")
+    if args.tracker and args.images:
+        ap.error("--tracker logs --pairs, --faithfulness or --trait-hits, not a single pair")
     device = torch.device(args.device)
     model, ckpt = load_model(args.ckpt, device)
+    tracker = tracker_of_checkpoint(ckpt, args.ckpt) if args.tracker else Tracker()
     args.heads = min(args.heads, model.num_heads)
     if args.pairs:
         args.out = args.out or "cam_gallery"
-        return gallery(model, ckpt, args, device)
-    if args.faithfulness:
-        return faithfulness(model, ckpt, args, device)
-    if args.trait_hits:
-        return trait_hits(model, ckpt, args, device)
+        gallery(model, ckpt, args, device, tracker)
+    elif args.faithfulness:
+        summary = faithfulness(model, ckpt, args, device)
+        tracker.log_metrics({f"test_faithfulness_{k}": v for k, v in summary.items()}, ckpt["epoch"])
+    elif args.trait_hits:
+        hits, chance = trait_hits(model, ckpt, args, device)
+        tracker.log_metrics({"test_trait_hits": hits, "test_trait_hits_random_patch": chance}, ckpt["epoch"])
+    if not args.images:
+        return tracker.finish()
     size = ckpt["config"]["img_size"]
     image_a, image_b = (read_image(p, size) for p in args.images)
-    enc_a, enc_b = encode_pair(model, image_a, image_b, device)
-    score, heads, maps = explain(model, enc_a, enc_b, args.heads)
     threshold = ckpt["threshold"]
+    score, fig = pair_figure(model, image_a, image_b, *args.images, threshold, args.heads, device)
     verdict = "no threshold in checkpoint" if threshold is None else ("same" if score >= threshold else "different")
     print(f"score {score:+.4f}  threshold {'n/a' if threshold is None else f'{threshold:+.4f}'}  verdict: {verdict}")
     out = args.out or "pair.png"
-    figure(image_a, image_b, *args.images, score, threshold, heads, maps).save(out)
-    print(f"top heads {heads}; wrote {out}")
+    fig.save(out)
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import torch
 import data
 import plots
 from model import Encoding, load_vit, read_training_checkpoint, verifier_from_checkpoint
+from tracking import tracker_of_checkpoint
 
 GENUINE, TWIN, OTHER = 0, 1, 2
 KINDS = ("genuine", "twin", "other")
@@ -195,7 +196,8 @@ def validate(model, images, split, device, precision):
     scores, _, _ = verifier_scores(model, images, a, b, device, precision)
     genuine = kind == GENUINE
     far, tar, thr = roc(scores, genuine)
-    return {"eer": eer(far, tar), "auc": auc(far, tar), "threshold": eer_threshold(far, tar, thr)}
+    return {"eer": eer(far, tar), "auc": auc(far, tar), "threshold": eer_threshold(far, tar, thr),
+            "scores": scores, "kind": kind}
 
 
 # ---------------------------------------------------------------- outputs
@@ -208,7 +210,8 @@ def write_scores(path, split, a, b, kind, scores):
             w.writerow([split.paths[i], split.paths[j], int(k == GENUINE), KINDS[k], repr(s)])
 
 
-def plot_roc(path, scores, kind, title):
+def roc_figure(scores, kind, title):
+    """ROC, DET and score histograms side by side, as one PIL image."""
     genuine = kind == GENUINE
     twin = kind != OTHER
     far, tar, _ = roc(scores[twin], genuine[twin])
@@ -230,7 +233,14 @@ def plot_roc(path, scores, kind, title):
     top = max(float(h[2].max()) for h in hist) * 1.1
     hist_img = plots.line_chart(hist, "score histograms", "pair score", "share of pairs",
                                 (float(edges[0]), float(edges[-1])), (0, top))
-    plots.row([roc_img, det_img, hist_img]).save(path)
+    return plots.row([roc_img, det_img, hist_img])
+
+
+def flat_metrics(result, prefix):
+    """metrics.json's twin-protocol figures as flat names for a tracker: test_eer, test_tar_at_far_0.01, ..."""
+    out = {f"{prefix}{k}": result[k] for k in ("auc", "eer", "accuracy") if result.get(k) is not None}
+    out.update({f"{prefix}tar_at_far_{f}": v for f, v in result["tar_at_far"].items() if v is not None})
+    return out
 
 
 def main(argv=None):
@@ -245,9 +255,12 @@ def main(argv=None):
     ap.add_argument("--threshold", type=float, help="decision threshold, for checkpoints trained without validation")
     ap.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of twin families")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--tracker", action="store_true",
+                    help="also log the metrics and roc.png to the training run (the checkpoint's tracker and run id)")
     args = ap.parse_args(argv)
 
     ckpt = read_training_checkpoint(args.ckpt)
+    tracker = tracker_of_checkpoint(ckpt, args.ckpt) if args.tracker else None
     cfg = ckpt["config"]
     device = torch.device(args.device)
     remap = cfg["path_remap"] if args.path_remap is None else args.path_remap
@@ -280,7 +293,13 @@ def main(argv=None):
     with open(os.path.join(args.out, "metrics.json"), "w") as f:
         json.dump(result, f, indent=1, sort_keys=True)
     write_scores(os.path.join(args.out, "scores.csv"), split, a, b, kind, scores)
-    plot_roc(os.path.join(args.out, "roc.png"), scores, kind, title)
+    figure = roc_figure(scores, kind, title)
+    figure.save(os.path.join(args.out, "roc.png"))
+    if tracker:
+        prefix = "test_cls_" if args.baseline else "test_"
+        tracker.log_metrics(flat_metrics(result, prefix), ckpt["epoch"])
+        tracker.log_image(prefix + "roc", figure, ckpt["epoch"])
+        tracker.finish()
     counts = ", ".join(f"{(kind == k).sum()} {KINDS[k]}" for k in range(3) if (kind == k).any())
     tars = ", ".join(f"TAR@{f}={'n/a' if v is None else f'{v:.3f}'}" for f, v in result["tar_at_far"].items())
     acc = "n/a (no threshold)" if threshold is None else f"{result['accuracy']:.4f} at threshold {threshold:.4f}"

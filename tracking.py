@@ -19,6 +19,9 @@ class Tracker:
     def log_metrics(self, metrics, epoch):
         pass
 
+    def log_image(self, key, image, epoch):
+        """A PIL image under key at an epoch (ROC curves, explanation figures)."""
+
     def finish(self):
         pass
 
@@ -52,6 +55,9 @@ class MLflowTracker(Tracker):
         from mlflow.entities import Metric
         now = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, epoch) for k, v in metrics.items()])
+
+    def log_image(self, key, image, epoch):
+        self.client.log_image(self.run_id, image, artifact_file=f"{key}/epoch_{epoch:03d}.png")
 
     def finish(self):
         self.client.set_terminated(self.run_id)
@@ -91,6 +97,10 @@ class WandbTracker(Tracker):
     def log_metrics(self, metrics, epoch):
         self.run.log({**metrics, "epoch": epoch})
 
+    def log_image(self, key, image, epoch):
+        import wandb
+        self.run.log({key: wandb.Image(image), "epoch": epoch})
+
     def finish(self):
         self.run.finish()
 
@@ -116,8 +126,18 @@ class Guarded(Tracker):
     def log_metrics(self, metrics, epoch):
         self._call("log_metrics", metrics, epoch)
 
+    def log_image(self, key, image, epoch):
+        self._call("log_image", key, image, epoch)
+
     def finish(self):
         self._call("finish")
+
+
+def tracker_of_checkpoint(ckpt, path):
+    """The tracker of the run that wrote a checkpoint, continuing that run (evaluate.py and cam.py --tracker)."""
+    if ckpt["config"]["tracker"] == "none" or not ckpt.get("tracker_run_id"):
+        raise SystemExit(f"{path}: its run was not tracked (tracker none), so --tracker has no run to log to")
+    return make_tracker(ckpt["config"], ckpt["tracker_run_id"])
 
 
 def make_tracker(cfg, run_id=None, rank=0):

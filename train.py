@@ -1,6 +1,7 @@
 """Train the Prompt-CAM twin verifier (or, with `--method arcface`, the ArcFace embedding it is measured against).
 
     python train.py --cfg configs/cpu_demo.yaml
+    python train.py --cfg configs/cpu_demo.yaml --cfg configs/synth_random.yaml   # later files override earlier
     torchrun --nproc_per_node 2 train.py --cfg configs/t4x2.yaml
     python train.py --resume ckpt/last.pt          # or --resume auto: the newest last.pt under out_dir
     python train.py --cfg FILE --benchmark [STEPS] # timed steps (20): images/s, phase shares, peak memory
@@ -14,6 +15,7 @@ import glob
 import math
 import os
 import re
+import statistics
 import sys
 import time
 
@@ -22,6 +24,7 @@ import torch.distributed as dist
 import yaml
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import cam
 import data
 import evaluate
 from model import METHODS, build_verifier, official_backbone_state, read_training_checkpoint
@@ -42,12 +45,13 @@ DEFAULTS = {
     # output and tracking
     "out_dir": "ckpt", "tracker": "none", "run_name": "", "mlflow_uri": "", "mlflow_experiment": "",
     "wandb_project": "twin-verification", "wandb_entity": "",
+    "log_images_every": 5,  # epochs between the validation ROC and explanation figures sent to the tracker; 0: never
 }
 CHOICES = {"method": METHODS, "cache_device": ("auto", "cuda", "cpu"), "precision": ("auto", "fp32", "fp16", "bf16"),
            "compile": ("auto", "true", "false"), "tracker": ("none", "mlflow", "wandb")}
 # What a resumed run may change: where things are and how they are tracked, never what is trained.
 RESUMABLE = {"epochs", "out_dir", "cache_dir", "cache_device", "path_remap", "weights_dir", "compile", "tracker",
-             "run_name", "mlflow_uri", "mlflow_experiment", "wandb_project", "wandb_entity",
+             "run_name", "mlflow_uri", "mlflow_experiment", "wandb_project", "wandb_entity", "log_images_every",
              "train_info", "train_pairs", "test_info", "test_pairs"}
 
 
@@ -104,10 +108,10 @@ def parse_overrides(items):
     return out
 
 
-def load_config(cfg_path, overrides, base=None):
-    """Defaults (or a checkpoint's config), then the YAML file, then command-line overrides."""
+def load_config(cfg_paths, overrides, base=None):
+    """Defaults (or a checkpoint's config), then each YAML file in turn, then command-line overrides."""
     cfg = dict(base or DEFAULTS)
-    if cfg_path:
+    for cfg_path in cfg_paths or []:
         try:
             with open(cfg_path) as f:
                 from_file = yaml.safe_load(f) or {}
@@ -148,11 +152,29 @@ def check_gpu_support(device):
             f"--index-url https://download.pytorch.org/whl/cu121")
 
 
-def resolve_compile(cfg, device):
-    """torch.compile needs Triton, which needs sm_70+ (so never on a P100)."""
+# torch.compile pays back when the step time it saves over the run exceeds the time compiling takes. Measured on
+# an H100: compiled ViT-B/14 steps ran 1.8x faster (986 vs 541 images/s), and the demo config's graphs took 73 s
+# to compile; Kaggle's 2-4-core hosts compile more slowly, hence 180 s.
+COMPILE_SPEEDUP, COMPILE_SECONDS = 1.8, 180.0
+
+
+def compile_pays(step_seconds, steps_left):
+    """Whether compiling saves more time over the steps left than it costs."""
+    return steps_left * step_seconds * (1 - 1 / COMPILE_SPEEDUP) > COMPILE_SECONDS
+
+
+def resolve_compile(cfg, device, time_step, steps_left, log):
+    """compile true/false as set; auto: on a GPU Triton supports (sm_70+, so never a P100), when compile_pays
+    for the steps this run has left, from an uncompiled step timed now."""
     if cfg["compile"] != "auto":
         return cfg["compile"] == "true"
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (7, 0)
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (7, 0):
+        return False
+    seconds = time_step()
+    pays = compile_pays(seconds, steps_left)
+    log(f"compile auto: an uncompiled step takes {1000 * seconds:.0f} ms and {steps_left} steps are left, so "
+        f"compiling ({COMPILE_SECONDS:.0f} s, {COMPILE_SPEEDUP}x faster steps) {'pays' if pays else 'does not pay'}")
+    return pays
 
 
 def peak_memory_gb(device):
@@ -204,7 +226,7 @@ class PhaseTimer:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="config keys (--key value): " + ", ".join(sorted(DEFAULTS)))
-    ap.add_argument("--cfg", help="YAML file of config keys")
+    ap.add_argument("--cfg", action="append", help="YAML file of config keys; repeat it to layer files (later win)")
     ap.add_argument("--resume", help="a last.pt, or 'auto' for the newest last.pt under out_dir")
     ap.add_argument("--time-budget", help="stop cleanly before the next epoch would pass it, e.g. 11h30m")
     ap.add_argument("--benchmark", nargs="?", const=20, type=int, metavar="STEPS",
@@ -219,8 +241,9 @@ def main(argv=None):
     ckpt = read_training_checkpoint(resume_path) if resume_path else None
     if ckpt:
         # the checkpoint's config, then what the user gave now, which may only move or re-track the run
-        cfg = load_config(args.cfg, overrides, base=ckpt["config"])
-        check_resume_config(cfg, ckpt["config"], resume_path)
+        trained = {**DEFAULTS, **ckpt["config"]}  # a key added since then has its default: what the run did
+        cfg = load_config(args.cfg, overrides, base=trained)
+        check_resume_config(cfg, trained, resume_path)
     for key in ("train_info", "train_pairs"):
         if not cfg[key]:
             raise SystemExit(f"config key {key!r} is empty: point it at your info files (see README)")
@@ -244,7 +267,6 @@ def main(argv=None):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     # fp16 (T4, 2080 Ti, P100) trains with a gradient scaler; bf16 and fp32 need none
     precision = evaluate.default_precision(device) if cfg["precision"] == "auto" else cfg["precision"]
-    use_compile = resolve_compile(cfg, device)
     if ckpt and len(ckpt["rng"]) != world:
         raise SystemExit(f"{resume_path} was written by {len(ckpt['rng'])} process(es); resume it with as many")
 
@@ -285,6 +307,13 @@ def main(argv=None):
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(warmup, 1)) * 0.5 * (
         1 + math.cos(math.pi * min(1.0, max(0, s - warmup) / max(total - warmup, 1)))))
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    steps_left = total - (ckpt["step"] if ckpt else 0)
+    use_compile = torch.tensor(float(resolve_compile(
+        cfg, device, lambda: time_probe_step(raw, train_images, labels, len(batches.epoch(0)[0]), device, precision),
+        steps_left, log)), device=device)
+    if ddp:
+        dist.broadcast(use_compile, 0)  # every rank runs the same graph: rank 0's timing decides
+    use_compile = bool(use_compile.item())
     # one static graph, gradients reduced in place in their buckets (no copy per step)
     model = DDP(raw, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True,
                 static_graph=True) if ddp else raw
@@ -360,6 +389,9 @@ def main(argv=None):
                 improved = val["eer"] < best_eer
                 if improved:
                     best_eer, threshold = val["eer"], val["threshold"]
+                every = cfg["log_images_every"]
+                if tracker.kind != "none" and every and ((epoch + 1) % every == 0 or epoch + 1 == cfg["epochs"]):
+                    log_validation_figures(tracker, raw, val, val_images, val_split, device, epoch)
         rng = {"torch": torch.get_rng_state(), "augment": gen.get_state(),
                "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
         rngs = [rng]
@@ -383,13 +415,14 @@ def main(argv=None):
                 data.save_atomically(official_backbone_state(raw.vit), os.path.join(cfg["out_dir"], "backbone.pth"))
             tracker.log_metrics(stats, epoch)
         epoch_times.append(time.perf_counter() - epoch_start)
-        eta = (cfg["epochs"] - epoch - 1) * sum(epoch_times) / len(epoch_times)
+        steady = epoch_times[1:] or epoch_times  # a process's first epoch compiles and warms up
+        eta = (cfg["epochs"] - epoch - 1) * statistics.median(steady)  # the median passes over a slow validation
         val_text = f"val EER {stats['val_eer']:.4f} AUC {stats['val_auc']:.4f}{' *' if improved else ''} | " \
             if master and val_split is not None else ""
         log(f"epoch {epoch + 1}/{cfg['epochs']} | loss {stats['loss']:.4f} | {val_text}"
             f"{images_per_s:.0f} img/s | peak mem {stats['peak_memory_gb']:.2f} GB | "
             f"{format_seconds(epoch_times[-1])}/epoch, ETA {format_seconds(eta)}", flush=True)
-        stop = torch.tensor(float(budget is not None and time.perf_counter() - run_start + 1.1 * max(epoch_times)
+        stop = torch.tensor(float(budget is not None and time.perf_counter() - run_start + 1.1 * max(steady)
                                   > budget), device=device)
         if ddp:
             dist.broadcast(stop, 0)  # every rank stops together, on rank 0's clock
@@ -399,6 +432,18 @@ def main(argv=None):
             break
     check_ranks_agree(raw, ddp, world, log)
     tracker.finish()
+
+
+def log_validation_figures(tracker, raw, val, val_images, val_split, device, epoch):
+    """The validation ROC and score histograms and, for promptcam, the explanation of one fixed validation twin
+    pair, so a run can be watched in the tracker."""
+    tracker.log_image("val_roc", evaluate.roc_figure(val["scores"], val["kind"], f"validation, epoch {epoch + 1}"),
+                      epoch)
+    if raw.method == "promptcam":
+        a, b, _ = cam.pick_pairs(val_split, 1)[0]  # the first twin-impostor pair of the protocol
+        _, figure = cam.pair_figure(raw, val_images[a], val_images[b], val_split.paths[a], val_split.paths[b],
+                                    val["threshold"], min(3, raw.num_heads), device)
+        tracker.log_image("val_explanation", figure, epoch)
 
 
 def rank0_first(make, ddp):
@@ -427,6 +472,29 @@ def check_ranks_agree(raw, ddp, world, log):
     log(f"trainable weights identical on all {world} ranks ({flat.numel():,} values)")
 
 
+def probe_step(raw, images, labels, n, device, precision, gen):
+    """Forward and backward of a training batch of n images, its gradients dropped: no state of the run changes."""
+    try:
+        x = data.augment(images[:n].to(device), gen)
+        with evaluate.autocast(device, precision):
+            loss = sum(raw.loss_terms(raw(x), labels[:n]).values())
+        loss.backward()
+    finally:
+        raw.zero_grad(set_to_none=True)
+
+
+def time_probe_step(raw, images, labels, n, device, precision, repeats=3):
+    """Seconds per uncompiled training step (forward and backward; the optimiser is a few % more)."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    probe_step(raw, images, labels, n, device, precision, gen)  # warm-up
+    torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        probe_step(raw, images, labels, n, device, precision, gen)
+    torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) / repeats
+
+
 def largest_batch(raw, images, labels, K, device, precision, log):
     """The largest batch (whole families of K images per person) whose training step fits in GPU memory."""
     if device.type != "cuda":
@@ -436,15 +504,11 @@ def largest_batch(raw, images, labels, K, device, precision, log):
 
     def fits(n):
         try:
-            x = data.augment(images[:n].to(device), gen)
-            with evaluate.autocast(device, precision):
-                loss = sum(raw.loss_terms(raw(x), labels[:n]).values())
-            loss.backward()
+            probe_step(raw, images, labels, n, device, precision, gen)
             return True
         except torch.OutOfMemoryError:
             return False
         finally:
-            raw.zero_grad(set_to_none=True)
             torch.cuda.empty_cache()
 
     step = 4 * K  # two twin families

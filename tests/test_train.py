@@ -43,7 +43,7 @@ DATA_FILES = {"train_info": "train_dataset_infor.json", "train_pairs": "train_tw
                                           ("2080ti_x2", "/data")])
 def test_every_gpu_config_names_the_data_sets_own_files(name, folder):
     import train
-    cfg = train.load_config(os.path.join(ROOT, "configs", f"{name}.yaml"), {})
+    cfg = train.load_config([os.path.join(ROOT, "configs", f"{name}.yaml")], {})
     assert {k: cfg[k] for k in DATA_FILES} == {k: f"{folder}/{f}" for k, f in DATA_FILES.items()}
     old, new = cfg["path_remap"].split("=")
     assert old == "/kaggle/input/nd-twin/ND_TWIN_Dataset_224/ND_TWIN_Dataset_224"
@@ -233,11 +233,15 @@ def mlflow_server(tmp_path):
     server.wait(timeout=30)
 
 
-def test_mlflow_metrics_read_back_and_resume_continues_the_same_run(tmp_path, synth_dir, mlflow_server):
+def test_mlflow_metrics_and_images_read_back_and_resume_continues_the_same_run(tmp_path, synth_dir, mlflow_server):
+    from PIL import Image
     cfg = tiny_config(tmp_path, synth_dir, epochs=2, tracker="mlflow", mlflow_uri=mlflow_server,
-                      mlflow_experiment="twins-test")
+                      mlflow_experiment="twins-test", log_images_every=2)
     run_py(["train.py", "--cfg", cfg])
     run_py(["train.py", "--cfg", cfg, "--epochs", "3", "--resume", "auto"])
+    best = str(tmp_path / "run" / "best.pt")
+    run_py(["evaluate.py", "--ckpt", best, "--out", str(tmp_path / "eval"), "--tracker"])
+    run_py(["cam.py", "--ckpt", best, "--pairs", "test", "--n", "2", "--out", str(tmp_path / "gallery"), "--tracker"])
     from mlflow.tracking import MlflowClient
     client = MlflowClient(mlflow_server)
     experiment = client.get_experiment_by_name("twins-test")
@@ -247,6 +251,21 @@ def test_mlflow_metrics_read_back_and_resume_continues_the_same_run(tmp_path, sy
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_eer")] == [0, 1, 2]
     assert run.data.params["img_size"] == "56" and run.info.status == "FINISHED"
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["tracker_run_id"] == run.info.run_id
+    best_epoch = torch.load(best, weights_only=True)["epoch"]
+    metrics = json.load(open(tmp_path / "eval" / "metrics.json"))
+    [test_eer] = client.get_metric_history(run.info.run_id, "test_eer")
+    assert test_eer.value == pytest.approx(metrics["eer"]) and test_eer.step == best_epoch
+    # images: every 2nd epoch and the last, from training; the test ROC and the gallery from the later commands
+    expected = {"val_roc": ["epoch_001.png", "epoch_002.png"], "val_explanation": ["epoch_001.png", "epoch_002.png"],
+                "test_roc": [f"epoch_{best_epoch:03d}.png"], "test_pair_000_twin": [f"epoch_{best_epoch:03d}.png"],
+                "test_pair_001_genuine": [f"epoch_{best_epoch:03d}.png"]}
+    for folder, names in expected.items():
+        listed = sorted(os.path.basename(a.path) for a in client.list_artifacts(run.info.run_id, folder))
+        assert listed == names, (folder, listed)
+        local = client.download_artifacts(run.info.run_id, f"{folder}/{names[-1]}", str(tmp_path / "down"))
+        with Image.open(local) as im:
+            lo, hi = im.convert("L").getextrema()
+            assert im.width > 200 and im.height > 100 and hi - lo > 100
 
 
 def wandb_records(path):
@@ -268,22 +287,42 @@ def wandb_records(path):
             buf = b""
 
 
-def test_wandb_offline_run_files_read_back_and_resume_the_same_run(tmp_path, synth_dir):
-    cfg = tiny_config(tmp_path, synth_dir, epochs=2, tracker="wandb", wandb_project="twins-test")
+def test_wandb_offline_run_files_and_images_read_back_and_resume_the_same_run(tmp_path, synth_dir):
+    from PIL import Image
+    cfg = tiny_config(tmp_path, synth_dir, epochs=2, tracker="wandb", wandb_project="twins-test", log_images_every=1)
     env = {"WANDB_MODE": "offline", "WANDB_API_KEY": "", "WANDB_SILENT": "true"}
     run_py(["train.py", "--cfg", cfg], env=env)
     run_py(["train.py", "--cfg", cfg, "--epochs", "3", "--resume", "auto"], env=env)
+    best = str(tmp_path / "run" / "best.pt")
+    run_py(["evaluate.py", "--ckpt", best, "--out", str(tmp_path / "eval"), "--tracker"], env=env)
     run_id = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["tracker_run_id"]
     files = sorted(glob.glob(str(tmp_path / "run" / "wandb" / "offline-run-*" / "run-*.wandb")))
-    assert len(files) == 2 and all(f.endswith(f"run-{run_id}.wandb") for f in files)
-    epochs = []
+    assert len(files) == 3 and all(f.endswith(f"run-{run_id}.wandb") for f in files)
+    epochs, images = [], {}
     for f in files:
         for record in wandb_records(f):
             if record.WhichOneof("record_type") == "history":
-                items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
-                epochs.append(items["epoch"])
-                assert 0 <= items["val_eer"] <= 1 and items["images_per_s"] > 0
+                items = {}
+                for i in record.history.item:  # an image is nested: its fields under the logged key
+                    key = [i.key] if i.key else list(i.nested_key)
+                    if len(key) == 1:
+                        items[key[0]] = json.loads(i.value_json)
+                    else:
+                        items.setdefault(key[0], {})[key[1]] = json.loads(i.value_json)
+                if "val_eer" in items:
+                    epochs.append(items["epoch"])
+                    assert 0 <= items["val_eer"] <= 1 and items["images_per_s"] > 0
+                for key, value in items.items():
+                    if isinstance(value, dict) and value.get("_type") == "image-file":
+                        images.setdefault(key, []).append(os.path.join(os.path.dirname(f), "files", value["path"]))
+                if "test_eer" in items:
+                    assert items["test_eer"] == pytest.approx(json.load(open(tmp_path / "eval" / "metrics.json"))["eer"])
     assert epochs == [0, 1, 2]
+    assert {k: len(v) for k, v in images.items()} == {"val_roc": 3, "val_explanation": 3, "test_roc": 1}
+    for path in sum(images.values(), []):
+        with Image.open(path) as im:
+            lo, hi = im.convert("L").getextrema()
+            assert im.width > 200 and im.height > 100 and hi - lo > 100
 
 
 def test_a_tracker_that_fails_warns_once_and_training_goes_on(tmp_path, synth_dir):
@@ -331,3 +370,48 @@ def test_arcface_method_trains_evaluates_writes_its_backbone_and_keeps_its_metho
     assert proc.returncode != 0 and "method: 'arcface' in the checkpoint, 'promptcam' now" in proc.stderr
     proc = run_py(["train.py", "--cfg", cfg, "--method", "siamese"], check=False)
     assert proc.returncode != 0 and "'method' must be one of ('promptcam', 'arcface')" in proc.stderr
+
+
+def test_eta_comes_from_the_steady_epochs_not_a_slow_first_one(tmp_path, synth_dir):
+    """The first epoch is made 6 s slower (as compiling makes it on a GPU): the ETA must not count it."""
+    wrapper = tmp_path / "slow_first_epoch.py"
+    wrapper.write_text(f"""import sys, time
+sys.path.insert(0, {ROOT!r})
+import data, train
+epoch_batches = data.FamilyBatches.epoch
+def slow_first(self, epoch):
+    if epoch == 0:
+        time.sleep(6)
+    return epoch_batches(self, epoch)
+data.FamilyBatches.epoch = slow_first
+train.main(sys.argv[1:])
+""")
+    cfg = tiny_config(tmp_path, synth_dir, epochs=5)
+    out = run_py([str(wrapper), "--cfg", cfg]).stdout
+    lines = re.findall(r"epoch (\d)/5 .*? (\d+)m(\d+)s/epoch, ETA (\d+)m(\d+)s", out)
+    assert len(lines) == 5, out[-2000:]
+    per_epoch = [int(m) * 60 + int(s) for _, m, s, _, _ in lines]
+    eta = [int(m) * 60 + int(s) for _, _, _, m, s in lines]
+    assert per_epoch[0] >= 6 + max(per_epoch[1:]), per_epoch
+    # after epoch 2, three are left: at epoch 2's pace (printed rounded down), not at the mean that counts epoch 1
+    assert 3 * per_epoch[1] <= eta[1] <= 3 * (per_epoch[1] + 1), (per_epoch, eta)
+    assert eta[1] < 3 * (per_epoch[0] + per_epoch[1]) / 2 - 6
+    assert eta[4] == 0
+
+
+def test_compile_pays_only_when_the_run_is_long_enough():
+    import train
+    # ViT-B/14 at 336 px on a T4: ~0.6 s per step, 30 epochs of ~120 steps: compile
+    assert train.compile_pays(0.6, 30 * 120)
+    # the demo config on an H100: ~15 ms per step, 30 epochs of 188 steps, 85 s in all: not worth 180 s
+    assert not train.compile_pays(0.015, 30 * 188)
+    # the break-even point: saved time equals the compile time
+    steps = train.COMPILE_SECONDS / (1 - 1 / train.COMPILE_SPEEDUP)
+    assert train.compile_pays(1.0, steps + 1) and not train.compile_pays(1.0, steps - 1)
+
+
+def test_tracker_flag_on_an_untracked_run_is_refused(trained_run):
+    tmp, _ = trained_run
+    for script in (["evaluate.py", "--out", f"{tmp}/eval_t"], ["cam.py", "--pairs", "test"]):
+        proc = run_py([*script, "--ckpt", f"{tmp}/run/best.pt", "--tracker"], check=False)
+        assert proc.returncode != 0 and "its run was not tracked (tracker none)" in proc.stderr
