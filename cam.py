@@ -28,9 +28,12 @@ from tracking import Tracker, tracker_of_checkpoint
 def load_model(ckpt_path, device):
     ckpt = read_training_checkpoint(ckpt_path)
     method = ckpt["model_args"].get("method", "promptcam")
+    if method == "arcface":
+        raise SystemExit(f"{ckpt_path}: a method 'arcface' checkpoint has no prompts, so there are no prompt maps "
+                         f"to draw; cam.py explains promptcam checkpoints (evaluate.py scores every method)")
     if method != "promptcam":
-        raise SystemExit(f"{ckpt_path}: a method {method!r} checkpoint has no prompts, so there are no prompt maps "
-                         f"to draw; cam.py explains promptcam checkpoints (evaluate.py scores both)")
+        raise SystemExit(f"{ckpt_path}: cam.py does not draw method {method!r} yet, an experiment; it explains "
+                         f"promptcam checkpoints (evaluate.py scores every method)")
     try:
         model = verifier_from_checkpoint(ckpt, ckpt_path, ckpt["config"]["weights_dir"] or None)
     except ValueError as e:

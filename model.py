@@ -275,6 +275,60 @@ def check_state_dict(expected, state, source):
         raise ValueError(f"{source}: checkpoint does not fit the model:\n  " + "\n  ".join(problems))
 
 
+def prompt_rows(vit, prompts, keys, values, first_patch, blurred_heads=None, keep_patches=None):
+    """M prompts through the last block as queries only, each attending to itself and to an image's tokens,
+    never to another prompt: prompts (B, M, D), or (1, M, D) for the same M on every image, against keys and
+    values (B, heads, N, 64). M queries against 1 + N keys, so the attention is formed explicitly (a fused kernel
+    would need the M prompts as keys too, masked); shared prompts get their queries, keys and values once.
+
+    Columns of the attention: the prompt itself, then the N tokens, of which those from first_patch on are
+    patches. Returns the final-normed outputs (B, M, D) and the attention over the patches (B, heads, M, patches).
+    blurred_heads (heads,) bool: those heads' patch attention made uniform with the same mass (Prompt-CAM's
+    blur). keep_patches (B, patches) bool: the others are hidden; with the keys and values of one image,
+    (R, patches) gives R views of it without copying them.
+    """
+    block = vit.blocks[-1]
+    q, k, v = block.attn.split_heads(block.norm1(prompts))
+    on_tokens = q @ keys.transpose(-1, -2)
+    on_itself = (q * k).sum(-1, keepdim=True).expand(*on_tokens.shape[:-1], 1)
+    logits = torch.cat([on_itself, on_tokens], -1) * q.shape[-1] ** -0.5
+    if keep_patches is not None:
+        hidden = F.pad(~keep_patches, (first_patch, 0))[:, None, None, :]
+        logits = logits.masked_fill(hidden, float("-inf"))
+    attn = logits.softmax(-1)
+    if blurred_heads is not None:
+        patch_attn = attn[..., first_patch:]
+        uniform = patch_attn.sum(-1, keepdim=True).expand_as(patch_attn) / patch_attn.shape[-1]
+        patch_attn = torch.where(blurred_heads[None, :, None, None], uniform, patch_attn)
+        attn = torch.cat([attn[..., :first_patch], patch_attn], -1)
+    out = attn[..., :1] * v + attn[..., 1:] @ values
+    h = prompts + block.ls1(block.attn.proj(out.transpose(1, 2).flatten(2)))
+    return vit.norm(block.mlp_residual(h)), attn[..., first_patch:]
+
+
+def with_deep_prompts(vit, deep_prompts, images):
+    """Blocks 1..L-1 with VPT-Deep prompts (L-1, n, D): fresh ones inserted after CLS/registers at every block's
+    input and dropped after it. Returns the last block's input tokens."""
+    x = vit.embed(images)
+    n_prefix, n_deep = vit.num_prefix, deep_prompts.shape[1]
+    for block, prompts in zip(vit.blocks[:-1], deep_prompts):
+        x = torch.cat([x[:, :n_prefix], prompts.expand(len(x), -1, -1), x[:, n_prefix:]], dim=1)
+        x = block(x)
+        x = torch.cat([x[:, :n_prefix], x[:, n_prefix + n_deep:]], dim=1)
+    return x
+
+
+def arcface_loss(cos, labels, margin, scale):
+    """Cross-entropy over scale * cos, the true class's angle widened by the margin (ArcFace); past pi - margin,
+    where cos(theta + m) would turn back up, the usual linear continuation."""
+    cos = cos.float().clamp(-1 + 1e-7, 1 - 1e-7)
+    target = cos.gather(1, labels[:, None])
+    widened = torch.where(target > math.cos(math.pi - margin),
+                          target * math.cos(margin) - (1 - target ** 2).sqrt() * math.sin(margin),
+                          target - math.sin(math.pi - margin) * margin)
+    return F.cross_entropy(scale * cos.scatter(1, labels[:, None], widened), labels)
+
+
 @dataclass
 class Encoding:
     """What the pair scorer needs of one image batch: its identity prompt and last-block keys/values."""
@@ -350,18 +404,34 @@ class Verifier(nn.Module):
                 v.copy_(state[k])
 
 
-class ArcFaceVerifier(Verifier):
-    """The conventional yardstick: an embedding of the ViT's final tokens (CLS and the mean of the patches,
-    projected and normalised), trained with an additive angular margin over the training identities
-    (ArcFace); the pair score is the cosine of the two embeddings."""
+class CosineVerifier(Verifier):
+    """A unit embedding per image, trained with an additive angular margin over the training identities
+    (ArcFace); a pair's score is the cosine of its two embeddings. forward gives (embeddings, cosines to every
+    training identity's centre)."""
+
+    def __init__(self, vit: ViT, train_blocks, margin, scale):
+        super().__init__(vit, train_blocks)
+        self.margin, self.scale = margin, scale
+
+    def loss_terms(self, outputs, labels):
+        return {"class": arcface_loss(outputs[1], labels, self.margin, self.scale)}
+
+    @torch.no_grad()
+    def score_pairs(self, emb, a, b):
+        a, b = torch.as_tensor(a, dtype=torch.long), torch.as_tensor(b, dtype=torch.long)
+        return (emb[a] * emb[b]).sum(-1)
+
+
+class ArcFaceVerifier(CosineVerifier):
+    """The conventional yardstick: the embedding is the ViT's final tokens (CLS and the mean of the patches),
+    projected and normalised."""
     method = "arcface"
 
     def __init__(self, vit: ViT, num_classes, train_blocks=0, margin=0.3, scale=30.0):
-        super().__init__(vit, train_blocks)
+        super().__init__(vit, train_blocks, margin, scale)
         D = vit.cfg.embed_dim
         self.project = nn.Linear(2 * D, D)
         self.class_centres = nn.Parameter(torch.randn(num_classes, D) * 0.02)
-        self.margin, self.scale = margin, scale
 
     def encode(self, images):
         """(B, D) unit embeddings; each image's depends on that image alone."""
@@ -370,26 +440,43 @@ class ArcFaceVerifier(Verifier):
         return F.normalize(self.project(pooled).float(), dim=-1)
 
     def forward(self, images):
-        """Training view: (embeddings (B, D), cosines to every training identity's centre (B, C))."""
         emb = self.encode(images)
         return emb, emb @ F.normalize(self.class_centres.float(), dim=-1).T
 
-    def loss_terms(self, outputs, labels):
-        """Cross-entropy over scale * cos, the true class's angle widened by the margin (ArcFace); past
-        pi - margin, where cos(theta + m) would turn back up, the usual linear continuation."""
-        _, cos = outputs
-        cos = cos.float().clamp(-1 + 1e-7, 1 - 1e-7)
-        target = cos.gather(1, labels[:, None])
-        m = self.margin
-        widened = torch.where(target > math.cos(math.pi - m),
-                              target * math.cos(m) - (1 - target ** 2).sqrt() * math.sin(m),
-                              target - math.sin(math.pi - m) * m)
-        return {"class": F.cross_entropy(self.scale * cos.scatter(1, labels[:, None], widened), labels)}
 
-    @torch.no_grad()
-    def score_pairs(self, emb, a, b):
-        a, b = torch.as_tensor(a, dtype=torch.long), torch.as_tensor(b, dtype=torch.long)
-        return (emb[a] * emb[b]).sum(-1)
+class TraitPromptVerifier(CosineVerifier):
+    """Verifier v2 (an experiment, see the README's ablation table): K class-agnostic trait prompts read the
+    face's patches (never CLS or registers) in the last block, and their normalised outputs, concatenated, are
+    the identity embedding, so a pair's cosine is the mean of one cosine per trait prompt, each computed from
+    where that prompt looks on both faces. The training identities' class prompts, one per trait prompt, are
+    the margin loss's class centres. The loss and the pair score are arcface's; only the embedding differs."""
+    method = "traits"
+
+    def __init__(self, vit: ViT, num_classes, deep_prompts=4, train_blocks=0, trait_prompts=4, margin=0.3,
+                 scale=30.0):
+        super().__init__(vit, train_blocks, margin, scale)
+        D, L = vit.cfg.embed_dim, vit.cfg.depth
+        self.deep_prompts = nn.Parameter(torch.randn(L - 1, deep_prompts, D) * 0.02)
+        self.trait_prompts = nn.Parameter(torch.randn(trait_prompts, D) * 0.02)
+        self.class_prompts = nn.Parameter(torch.randn(num_classes, trait_prompts, D) * 0.02)
+
+    def read(self, images, blurred_heads=None, keep_patches=None):
+        """Each trait prompt's output (B, K, D) and its attention over the patches (B, heads, K, patches)."""
+        x = with_deep_prompts(self.vit, self.deep_prompts, images)
+        last = self.vit.blocks[-1]
+        _, keys, values = last.attn.split_heads(last.norm1(x[:, self.vit.num_prefix:]))
+        return prompt_rows(self.vit, self.trait_prompts[None], keys, values, 1, blurred_heads, keep_patches)
+
+    def encode(self, images):
+        """(B, K * D) unit embeddings: the K normalised trait outputs, each weighing 1/K in a cosine."""
+        out, _ = self.read(images)
+        return F.normalize(out.float(), dim=-1).flatten(1) / math.sqrt(out.shape[1])
+
+    def forward(self, images):
+        emb = self.encode(images)
+        K = self.class_prompts.shape[1]
+        centres = F.normalize(self.class_prompts.float(), dim=-1).flatten(1) / math.sqrt(K)
+        return emb, emb @ centres.T
 
 
 class PromptCamVerifier(Verifier):
@@ -409,15 +496,7 @@ class PromptCamVerifier(Verifier):
         return self.vit.blocks[-1].attn.num_heads
 
     def last_layer_input(self, images):
-        """Blocks 1..L-1 with their deep prompts (inserted after CLS/registers, dropped after each block)."""
-        vit = self.vit
-        x = vit.embed(images)
-        n_prefix, n_deep = vit.num_prefix, self.deep_prompts.shape[1]
-        for block, prompts in zip(vit.blocks[:-1], self.deep_prompts):
-            x = torch.cat([x[:, :n_prefix], prompts.expand(len(x), -1, -1), x[:, n_prefix:]], dim=1)
-            x = block(x)
-            x = torch.cat([x[:, :n_prefix], x[:, n_prefix + n_deep:]], dim=1)
-        return x
+        return with_deep_prompts(self.vit, self.deep_prompts, images)
 
     def encode(self, images) -> Encoding:
         """Run blocks 1..L-1 once per image; keep what the last block needs: p(x), keys and values."""
@@ -427,36 +506,11 @@ class PromptCamVerifier(Verifier):
         return Encoding(self.generator(x[:, 0], x[:, self.vit.num_prefix:]), keys, values)
 
     def score_prompts(self, prompts, enc: Encoding, blurred_heads=None, keep_patches=None):
-        """s(p; x) for M prompts per image: prompts (B, M, D), or (1, M, D) for the same M on every image,
-        against enc (B images).
-
-        Each prompt attends to itself and to the image's tokens, never to another prompt: M queries
-        against 1 + N keys, so the scores are formed explicitly (a fused kernel would need the M prompts as
-        keys too, masked, at M x (M + N) cost). Shared prompts get their queries, keys and values once, not
-        once per image. Returns scores (B, M) and the attention over the patches (B, heads, M, patches).
-        blurred_heads (heads,) bool: those heads' patch attention made uniform with the same mass
-        (Prompt-CAM's blur). keep_patches (B, patches) bool: the others are hidden; with enc of one image,
-        (R, patches) gives R views of it without copying its keys and values.
-        """
-        block, vit = self.vit.blocks[-1], self.vit
-        q, k, v = block.attn.split_heads(block.norm1(prompts))
-        on_patches = q @ enc.keys.transpose(-1, -2)
-        on_itself = (q * k).sum(-1, keepdim=True).expand(*on_patches.shape[:-1], 1)
-        logits = torch.cat([on_itself, on_patches], -1) * q.shape[-1] ** -0.5
-        first_patch = 1 + vit.num_prefix  # columns: the prompt itself, CLS, registers, patches
-        if keep_patches is not None:
-            hidden = F.pad(~keep_patches, (first_patch, 0))[:, None, None, :]
-            logits = logits.masked_fill(hidden, float("-inf"))
-        attn = logits.softmax(-1)
-        if blurred_heads is not None:
-            patch_attn = attn[..., first_patch:]
-            uniform = patch_attn.sum(-1, keepdim=True).expand_as(patch_attn) / patch_attn.shape[-1]
-            patch_attn = torch.where(blurred_heads[None, :, None, None], uniform, patch_attn)
-            attn = torch.cat([attn[..., :first_patch], patch_attn], -1)
-        out = attn[..., :1] * v + attn[..., 1:] @ enc.values
-        h = prompts + block.ls1(block.attn.proj(out.transpose(1, 2).flatten(2)))
-        h = block.mlp_residual(h)
-        return vit.norm(h) @ self.score_w, attn[..., first_patch:]
+        """s(p; x) = w . LN(block_L([p; tokens(x)])_p) for M prompts per image (see prompt_rows): scores (B, M)
+        and the attention over the patches (B, heads, M, patches)."""
+        out, attn = prompt_rows(self.vit, prompts, enc.keys, enc.values, 1 + self.vit.num_prefix, blurred_heads,
+                                keep_patches)
+        return out @ self.score_w, attn
 
     def forward(self, images):
         """Training view: scores of every training identity's prompt and of every image's generated
@@ -513,18 +567,20 @@ class PromptCamVerifier(Verifier):
         return float(score), maps
 
 
-METHODS = ("promptcam", "arcface")
+METHODS = ("promptcam", "arcface", "traits")
 
 
 def build_verifier(arch, img_size, num_classes, deep_prompts, train_blocks, method="promptcam", margin=0.3,
-                   scale=30.0, weights_dir=None):
-    """The verifier a config describes; arcface reads no deep prompts, promptcam no margin or scale."""
+                   scale=30.0, trait_prompts=4, weights_dir=None):
+    """The verifier a config describes; arcface reads no prompts, promptcam no margin, scale or trait prompts."""
     vit = load_vit(arch, img_size, weights_dir)
     if vit.family == "scratch" and train_blocks != vit.cfg.depth:
         raise ValueError(f"{arch} has no pre-trained weights, so it trains whole: set train_blocks to its depth "
                          f"{vit.cfg.depth} (got {train_blocks})")
     if method == "arcface":
         return ArcFaceVerifier(vit, num_classes, train_blocks, margin, scale)
+    if method == "traits":
+        return TraitPromptVerifier(vit, num_classes, deep_prompts, train_blocks, trait_prompts, margin, scale)
     return PromptCamVerifier(vit, num_classes, deep_prompts, train_blocks)
 
 

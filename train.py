@@ -38,6 +38,7 @@ DEFAULTS = {
     # model; method arcface is the conventional yardstick (no prompts, margin loss, cosine score)
     "method": "promptcam", "arch": "dinov2_vits14", "weights_dir": "", "img_size": 224, "deep_prompts": 4,
     "train_blocks": 0, "margin": 0.3, "scale": 30.0,  # the angular margin and logit scale of arcface's loss
+    "trait_prompts": 4,  # method traits (verifier v2, an experiment): prompts whose outputs form the embedding
     # optimisation
     "epochs": 30, "batch_size": 64, "images_per_person": 4, "lr": 2e-3, "weight_decay": 0.05,
     "warmup_epochs": 1, "loss_class": 1.0, "loss_episodic": 1.0, "loss_pull": 0.1, "hflip": False,
@@ -288,7 +289,8 @@ def main(argv=None):
 
     # ---- model, optimiser, schedule
     torch.manual_seed(cfg["seed"])
-    model_args = {k: cfg[k] for k in ("method", "arch", "img_size", "deep_prompts", "train_blocks", "margin", "scale")}
+    model_args = {k: cfg[k] for k in ("method", "arch", "img_size", "deep_prompts", "train_blocks", "margin", "scale",
+                                      "trait_prompts")}
     model_args["num_classes"] = len(train_split.ids)
     raw = rank0_first(lambda: build_verifier(**model_args, weights_dir=cfg["weights_dir"] or None), ddp).to(device)
     log(raw.summary())

@@ -207,3 +207,34 @@ def test_backbone_in_the_official_layout_loads_strictly_with_the_same_tokens(arc
     x = torch.randn(2, 3, size, size)
     with torch.no_grad():
         torch.testing.assert_close(again.eval()(x), vit.eval()(x), atol=1e-6, rtol=0)
+
+
+def test_trait_prompt_embedding_is_one_cosine_per_prompt_read_from_the_patches_only(monkeypatch):
+    torch.manual_seed(0)
+    m = model.build_verifier(TINY_ARCH, 56, num_classes=5, deep_prompts=2, train_blocks=0, method="traits",
+                             trait_prompts=3).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.2)
+        x = torch.randn(4, 3, 56, 56)
+        emb = m.encode(x)
+        out, attn = m.read(x)
+        torch.testing.assert_close(torch.cat([m.encode(x[i:i + 1]) for i in range(4)]), emb, atol=1e-5, rtol=0)
+    per_prompt = torch.nn.functional.cosine_similarity(out[0], out[1], dim=-1)  # (K,)
+    torch.testing.assert_close(m.score_pairs(emb, [0], [1])[0], per_prompt.mean(), atol=1e-5, rtol=0)
+    # attention over the 16 patches and the prompt itself: nothing is left for CLS or the registers
+    assert attn.shape == (4, m.vit.blocks[-1].attn.num_heads, 3, 16)
+    assert (attn.sum(-1) <= 1 + 1e-5).all() and (attn.sum(-1) > 0.05).all()
+    _, cos = m(x)
+    assert cos.shape == (4, 5) and cos.abs().max() <= 1 + 1e-5
+    # read() itself, given a last-block input whose CLS and registers moved: nothing changes; a moved patch does
+    x_in = model.with_deep_prompts(m.vit, m.deep_prompts, x[:1])
+    n = m.vit.num_prefix
+    noise = torch.randn_like(x_in) * 3  # not a constant shift, which LayerNorm would remove
+    for moved, changes in ((torch.cat([x_in[:, :n] + noise[:, :n], x_in[:, n:]], 1), False),
+                           (torch.cat([x_in[:, :n], x_in[:, n:n + 1] + noise[:, n:n + 1], x_in[:, n + 1:]], 1), True)):
+        monkeypatch.setattr(model, "with_deep_prompts", lambda vit, prompts, images, moved=moved: moved)
+        with torch.no_grad():
+            rows, _ = m.read(x[:1])
+        assert (rows - out[:1]).abs().max().item() > 1e-3 if changes else torch.allclose(rows, out[:1], atol=1e-5)
