@@ -38,7 +38,9 @@ OFFICIAL_URLS = {
 # Keys an official checkpoint carries that inference never reads (DINOv2's iBOT mask token).
 UNUSED_CHECKPOINT_KEYS = {"mask_token"}
 # Backbones with no pre-trained weights, trained whole from a fixed initialisation (the CPU demo).
-SCRATCH_ARCHS = {"scratch_vit_tiny14": dict(embed_dim=128, depth=3, patch_size=14)}
+SCRATCH_ARCHS = {"scratch_vit_tiny14": dict(embed_dim=128, depth=3, patch_size=14),
+                 "scratch_vit_tiny14_conv": dict(embed_dim=128, depth=3, patch_size=14, conv_stem=True)}
+STEM_CHANNELS, STEM_STRIDE = 32, 2
 
 
 class Attention(nn.Module):
@@ -98,12 +100,20 @@ class Block(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-    def __init__(self, dim, patch_size):
+    """One patch_size x patch_size projection, as the official ViTs; or, with conv_stem, two 3x3 convolutions
+    (the first with stride 2) before a projection of patch_size / 2: small convolutions learn to see details
+    smaller than a patch from far less data (Xiao et al., "Early convolutions help transformers see better")."""
+
+    def __init__(self, dim, patch_size, conv_stem=False):
         super().__init__()
-        self.proj = nn.Conv2d(3, dim, patch_size, patch_size)
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, STEM_CHANNELS, 3, STEM_STRIDE, 1), nn.GELU(),
+            nn.Conv2d(STEM_CHANNELS, STEM_CHANNELS, 3, 1, 1), nn.GELU()) if conv_stem else nn.Identity()
+        stride = patch_size // STEM_STRIDE if conv_stem else patch_size
+        self.proj = nn.Conv2d(STEM_CHANNELS if conv_stem else 3, dim, stride, stride)
 
     def forward(self, images):
-        return self.proj(images).flatten(2).transpose(1, 2)
+        return self.proj(self.stem(images)).flatten(2).transpose(1, 2)
 
 
 @dataclass(frozen=True)
@@ -114,6 +124,7 @@ class ViTConfig:
     num_registers: int
     layerscale: bool
     img_size: int
+    conv_stem: bool = False
     eps: float = 1e-6
 
 
@@ -124,7 +135,7 @@ class ViT(nn.Module):
         super().__init__()
         self.cfg = cfg
         D, grid = cfg.embed_dim, cfg.img_size // cfg.patch_size
-        self.patch_embed = PatchEmbed(D, cfg.patch_size)
+        self.patch_embed = PatchEmbed(D, cfg.patch_size, cfg.conv_stem)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid * grid, D))
         self.register_tokens = nn.Parameter(torch.zeros(1, cfg.num_registers, D)) if cfg.num_registers else None
@@ -159,10 +170,13 @@ class ViT(nn.Module):
     @torch.no_grad()
     def init_weights(self, generator):
         """Fresh weights as DINOv2 initialises them: truncated-normal (0.02) projections and positions,
-        near-zero CLS/registers, zero biases, unit norms and LayerScale."""
+        near-zero CLS/registers, zero biases, unit norms and LayerScale; He-normal stem convolutions (0.02 would
+        shrink the signal through each of them)."""
         for name, p in self.named_parameters():
             if name.endswith("bias"):
                 p.zero_()
+            elif name.startswith("patch_embed.stem"):
+                nn.init.kaiming_normal_(p, nonlinearity="relu", generator=generator)
             elif name.endswith(("cls_token", "register_tokens")):
                 p.normal_(0, 1e-6, generator=generator)
             elif p.dim() == 1:  # LayerNorm weight, LayerScale gamma
@@ -222,7 +236,8 @@ def load_vit(source, img_size, cache_dir=None):
     state = dict(read_checkpoint(source, cache_dir))
     try:
         D = state["cls_token"].shape[-1]
-        patch = state["patch_embed.proj.weight"].shape[-1]
+        conv_stem = "patch_embed.stem.0.weight" in state  # our scratch backbones' stem, in backbone.pth
+        patch = state["patch_embed.proj.weight"].shape[-1] * (STEM_STRIDE if conv_stem else 1)
         depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
         native_grid = math.isqrt(state["pos_embed"].shape[1] - 1)
     except (KeyError, ValueError, AttributeError) as e:
@@ -232,7 +247,7 @@ def load_vit(source, img_size, cache_dir=None):
     registers = state["register_tokens"].shape[1] if "register_tokens" in state else 0
     family = "dino" if "mask_token" not in state else ("dinov2_reg" if registers else "dinov2")
     vit = ViT(vit_config(source, img_size, embed_dim=D, depth=depth, patch_size=patch, num_registers=registers,
-                         layerscale="blocks.0.ls1.gamma" in state))
+                         layerscale="blocks.0.ls1.gamma" in state, conv_stem=conv_stem))
     for key in UNUSED_CHECKPOINT_KEYS:
         state.pop(key, None)
     state["pos_embed"] = resample_pos_embed(state["pos_embed"], img_size // patch, family)

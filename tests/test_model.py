@@ -136,6 +136,10 @@ def test_scratch_backbone_is_fixed_and_trains_whole():
     assert a.fingerprint == b.fingerprint and a.grid == 8 and a.family == "scratch"
     assert a.blocks[0].attn.qkv.weight.std().item() == pytest.approx(0.02, rel=0.2)
     assert (a.blocks[0].attn.qkv.bias == 0).all() and (a.norm.weight == 1).all()
+    conv = model.load_vit("scratch_vit_tiny14_conv", 84)
+    assert conv.grid == 6 and conv.cfg.conv_stem and conv.fingerprint != model.load_vit("scratch_vit_tiny14", 84).fingerprint
+    stem = conv.patch_embed.stem[0].weight  # He-normal: std sqrt(2 / fan_in), fan_in 3 x 3 x 3
+    assert stem.std().item() == pytest.approx(math.sqrt(2 / 27), rel=0.2)
     m = model.build_verifier("scratch_vit_tiny14", 112, 3, 2, train_blocks=3)
     assert all(p.requires_grad for p in m.parameters())
     with pytest.raises(ValueError, match="no pre-trained weights, so it trains whole: set train_blocks to its depth 3"):
@@ -194,7 +198,8 @@ def test_arcface_loss_widens_the_true_angle_by_the_margin():
                                    torch.nn.functional.cross_entropy(30 * cos, labels))
 
 
-@pytest.mark.parametrize("arch", ["scratch_vit_tiny14", TINY_ARCH, os.path.join(VIT, "dino_tiny16.pth")])
+@pytest.mark.parametrize("arch", ["scratch_vit_tiny14", "scratch_vit_tiny14_conv", TINY_ARCH,
+                                  os.path.join(VIT, "dino_tiny16.pth")])
 def test_backbone_in_the_official_layout_loads_strictly_with_the_same_tokens(arch, tmp_path):
     size = 84 if "16" not in arch else 96
     vit = model.load_vit(arch, size)
