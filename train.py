@@ -1,4 +1,4 @@
-"""Train the Prompt-CAM twin verifier (or, with `--method arcface`, the ArcFace embedding it is measured against).
+"""Train a twin verifier: Prompt-CAM (method promptcam), the ArcFace yardstick (arcface) or verifier v2 (traits).
 
     python train.py --cfg configs/cpu_demo.yaml
     python train.py --cfg configs/cpu_demo.yaml --cfg configs/synth_random.yaml   # later files override earlier
