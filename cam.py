@@ -1,4 +1,4 @@
-"""Prompt-CAM explanations: where on both faces the identity prompts found their evidence.
+"""Prompt-CAM explanations: where on both faces the prompts found their evidence (promptcam and traits checkpoints).
 
     python cam.py a.jpg b.jpg [--ckpt ckpt/best.pt] [--out pair.png]
     python cam.py --pairs test --n 16 --out DIR              # a gallery of twin and genuine test pairs
@@ -31,9 +31,6 @@ def load_model(ckpt_path, device):
     if method == "arcface":
         raise SystemExit(f"{ckpt_path}: a method 'arcface' checkpoint has no prompts, so there are no prompt maps "
                          f"to draw; cam.py explains promptcam checkpoints (evaluate.py scores every method)")
-    if method != "promptcam":
-        raise SystemExit(f"{ckpt_path}: cam.py does not draw method {method!r} yet, an experiment; it explains "
-                         f"promptcam checkpoints (evaluate.py scores every method)")
     try:
         model = verifier_from_checkpoint(ckpt, ckpt_path, ckpt["config"]["weights_dir"] or None)
     except ValueError as e:
@@ -91,57 +88,145 @@ def to_photo(image):
     return image.permute(1, 2, 0).numpy()
 
 
-def figure(image_a, image_b, name_a, name_b, score, threshold, heads, maps, panel=150):
-    """One row per top head: both photos, cross, self and contrast maps, with colour scales."""
+def tile(title, photo, heat=None, lo=0.0, hi=1.0, cmap=None, panel=150):
+    """A titled panel: the photo, or a map over it."""
     from PIL import Image, ImageDraw
+    if heat is None:
+        image = Image.fromarray(photo).resize((panel, panel), Image.BICUBIC)
+    else:
+        image = plots.overlay(photo, heat, lo, hi, cmap, size=panel)
+    framed = Image.new("RGB", (panel, panel + 18), "white")
+    framed.paste(image, (0, 18))
+    ImageDraw.Draw(framed).text((panel / 2, 2), title, fill="black", font=plots.font(12), anchor="ma")
+    return framed
+
+
+def labelled_rows(header_text, rows):
+    """A header, then each (label, row of tiles) under its label, as one image."""
+    from PIL import Image, ImageDraw
+    parts = []
+    for label, body in rows:
+        line = Image.new("RGB", (body.width, 20), "white")
+        ImageDraw.Draw(line).text((4, 3), label, fill="black", font=plots.font(13))
+        parts += [line, body]
+    width = max(p.width for p in parts)
+    header = Image.new("RGB", (width, 44), "white")
+    ImageDraw.Draw(header).multiline_text((4, 4), header_text, fill="black", font=plots.font(14))
+    out = Image.new("RGB", (width, sum(p.height for p in [header] + parts)), "white")
+    y = 0
+    for part in [header] + parts:
+        out.paste(part, (0, y))
+        y += part.height
+    return out
+
+
+def header(name_a, name_b, score, threshold):
+    verdict = "no threshold" if threshold is None else ("same" if score >= threshold else "different")
+    return (f"A: {name_a}    B: {name_b}\npair score {score:+.4f}   threshold "
+            f"{'n/a' if threshold is None else f'{threshold:+.4f}'}   verdict: {verdict}")
+
+
+def figure(image_a, image_b, name_a, name_b, score, threshold, heads, maps, panel=150):
+    """promptcam: one row per top head: both photos, cross, self and contrast maps, with colour scales."""
     photo_a, photo_b = to_photo(image_a), to_photo(image_b)
-    columns = [("A", None, photo_a), ("B", None, photo_b),
-               ("p(A) looks on B", "cross_a_on_b", photo_b), ("p(B) looks on A", "cross_b_on_a", photo_a),
+    columns = [("p(A) looks on B", "cross_a_on_b", photo_b), ("p(B) looks on A", "cross_b_on_a", photo_a),
                ("p(A) on A (self)", "self_a", photo_a), ("p(B) on B (self)", "self_b", photo_b),
                ("contrast on A", "contrast_a", photo_a), ("contrast on B", "contrast_b", photo_b)]
     rows = []
     for rank, h in enumerate(heads):
         attn_max = max(float(maps[k][h].max()) for k in ("cross_a_on_b", "cross_b_on_a", "self_a", "self_b"))
         contrast_max = max(float(np.abs(maps[k][h]).max()) for k in ("contrast_a", "contrast_b")) or 1e-6
-        tiles = []
+        tiles = [tile("A", photo_a, panel=panel), tile("B", photo_b, panel=panel)]
         for title, key, photo in columns:
-            if key is None:
-                tile = Image.fromarray(photo).resize((panel, panel), Image.BICUBIC)
-            elif key.startswith("contrast"):
-                tile = plots.overlay(photo, maps[key][h], -contrast_max, contrast_max, plots.DIVERGING, size=panel)
-            else:
-                tile = plots.overlay(photo, maps[key][h], 0, attn_max, plots.SEQUENTIAL, size=panel)
-            framed = Image.new("RGB", (panel, panel + 18), "white")
-            framed.paste(tile, (0, 18))
-            ImageDraw.Draw(framed).text((panel / 2, 2), title, fill="black", font=plots.font(12), anchor="ma")
-            tiles.append(framed)
+            lo, hi, cmap = ((-contrast_max, contrast_max, plots.DIVERGING) if key.startswith("contrast") else
+                            (0, attn_max, plots.SEQUENTIAL))
+            tiles.append(tile(title, photo, maps[key][h], lo, hi, cmap, panel))
         tiles.append(plots.colour_bar(panel + 18, 0, attn_max, plots.SEQUENTIAL, "attention"))
         tiles.append(plots.colour_bar(panel + 18, -contrast_max, contrast_max, plots.DIVERGING, "self-cross"))
-        body = plots.row(tiles, gap=4)
-        label = Image.new("RGB", (body.width, 20), "white")
         on_faces = (maps["cross_a_on_b"][h].sum() + maps["cross_b_on_a"][h].sum()) / 2
-        ImageDraw.Draw(label).text((4, 3), f"head {h} (rank {rank + 1} by greedy blur): {on_faces:.1%} of the prompts' "
-                                   f"attention on the other face's patches", fill="black", font=plots.font(13))
-        rows += [label, body]
-    verdict = "no threshold" if threshold is None else ("same" if score >= threshold else "different")
-    header_text = (f"A: {name_a}    B: {name_b}\npair score {score:+.4f}   threshold "
-                   f"{'n/a' if threshold is None else f'{threshold:+.4f}'}   verdict: {verdict}")
-    width = max(r.width for r in rows)
-    header = Image.new("RGB", (width, 44), "white")
-    ImageDraw.Draw(header).multiline_text((4, 4), header_text, fill="black", font=plots.font(14))
-    out = Image.new("RGB", (width, 44 + sum(r.height for r in rows)), "white")
-    y = 0
-    for part in [header] + rows:
-        out.paste(part, (0, y))
-        y += part.height
-    return out
+        rows.append((f"head {h} (rank {rank + 1} by greedy blur): {on_faces:.1%} of the prompts' attention on the "
+                     f"other face's patches", plots.row(tiles, gap=4)))
+    return labelled_rows(header(name_a, name_b, score, threshold), rows)
 
 
-def pair_figure(model, image_a, image_b, name_a, name_b, threshold, heads, device):
-    """(score, explanation figure) of two uint8 images."""
+# ---------------------------------------------------------------- verifier v2 (method traits)
+
+@torch.no_grad()
+def read_traits(model, image_a, image_b, device):
+    """The trait prompts on both faces: the patch keys and values, the score, its one term per prompt (they add
+    up to it) and each prompt's attention on A and on B averaged over heads, (2, K, grid, grid)."""
+    keys, values = model.patch_keys_values(data.normalize(torch.stack([image_a, image_b]).to(device)))
+    out, attn = model.read(keys, values)
+    unit = torch.nn.functional.normalize(out.float(), dim=-1)
+    terms = ((unit[0] * unit[1]).sum(-1) / unit.shape[1]).cpu().numpy()
+    grid = model.vit.grid
+    maps = attn.float().mean(1).reshape(2, -1, grid, grid).cpu().numpy()
+    return (keys, values), float(terms.sum()), terms, maps
+
+
+def traits_figure(image_a, image_b, name_a, name_b, score, threshold, terms, maps, top, panel=150):
+    """traits: one row per trait prompt, the one whose reading differs most between the faces first: where it
+    looks on A and on B, and the difference of the two maps on each face."""
+    photo_a, photo_b = to_photo(image_a), to_photo(image_b)
+    rows = []
+    for k in np.argsort(terms, kind="stable")[:top]:
+        attn_max = float(maps[:, k].max())
+        contrast_max = float(np.abs(maps[0, k] - maps[1, k]).max()) or 1e-6
+        tiles = [tile("A", photo_a, panel=panel), tile("B", photo_b, panel=panel),
+                 tile("prompt on A", photo_a, maps[0, k], 0, attn_max, plots.SEQUENTIAL, panel),
+                 tile("prompt on B", photo_b, maps[1, k], 0, attn_max, plots.SEQUENTIAL, panel),
+                 tile("on A minus on B", photo_a, maps[0, k] - maps[1, k], -contrast_max, contrast_max,
+                      plots.DIVERGING, panel),
+                 tile("on B minus on A", photo_b, maps[1, k] - maps[0, k], -contrast_max, contrast_max,
+                      plots.DIVERGING, panel),
+                 plots.colour_bar(panel + 18, 0, attn_max, plots.SEQUENTIAL, "attention"),
+                 plots.colour_bar(panel + 18, -contrast_max, contrast_max, plots.DIVERGING, "A-B")]
+        rows.append((f"trait prompt {k}: adds {terms[k]:+.4f} to the score (cosine {terms[k] * len(terms):+.3f})",
+                     plots.row(tiles, gap=4)))
+    return labelled_rows(header(name_a, name_b, score, threshold), rows)
+
+
+def shown(model, wanted):
+    """How many rows a figure can show: heads (promptcam) or trait prompts (traits)."""
+    return min(wanted, len(model.trait_prompts) if model.method == "traits" else model.num_heads)
+
+
+def pair_figure(model, image_a, image_b, name_a, name_b, threshold, top, device):
+    """(score, explanation figure) of two uint8 images; top: heads (promptcam) or trait prompts (traits) shown."""
+    if model.method == "traits":
+        _, score, terms, maps = read_traits(model, image_a, image_b, device)
+        return score, traits_figure(image_a, image_b, name_a, name_b, score, threshold, terms, maps, top)
     enc_a, enc_b = encode_pair(model, image_a, image_b, device)
-    score, top, maps = explain(model, enc_a, enc_b, heads)
-    return score, figure(image_a, image_b, name_a, name_b, score, threshold, top, maps)
+    score, heads, maps = explain(model, enc_a, enc_b, top)
+    return score, figure(image_a, image_b, name_a, name_b, score, threshold, heads, maps)
+
+
+def evidence(model, image_a, image_b, device, top):
+    """What the map checks need of a pair: its score; each face's contrast map (grid, grid), whose peak should
+    sit on a trait the twins do not share; each face's patches in map order; and curves(order_a, order_b,
+    insertion), the pair score as patches go (or come) in those orders on both faces at once.
+    promptcam: self minus cross of the top heads; traits: the most differing prompt's map on one face minus on
+    the other, and the order of all prompts' attention."""
+    if model.method == "traits":
+        (keys, values), score, terms, maps = read_traits(model, image_a, image_b, device)
+        k = int(np.argmin(terms))
+        contrast_a, contrast_b = maps[0, k] - maps[1, k], maps[1, k] - maps[0, k]
+        order_a = np.argsort(-maps[0].mean(0).ravel(), kind="stable")
+        order_b = np.argsort(-maps[1].mean(0).ravel(), kind="stable")
+
+        @torch.no_grad()
+        def traits_curves(oa, ob, insertion):
+            keep_a, keep_b = masks(oa, insertion), masks(ob, insertion)
+            emb_a = model.embed(model.read(keys[:1], values[:1], keep_a.to(keys.device))[0])
+            emb_b = model.embed(model.read(keys[1:], values[1:], keep_b.to(keys.device))[0])
+            return (emb_a * emb_b).sum(-1).cpu().numpy()
+        return score, contrast_a, contrast_b, order_a, order_b, traits_curves
+    enc_a, enc_b = encode_pair(model, image_a, image_b, device)
+    score, heads, maps = explain(model, enc_a, enc_b, top)
+    order_a = np.argsort(-maps["cross_b_on_a"][heads].mean(0).ravel(), kind="stable")
+    order_b = np.argsort(-maps["cross_a_on_b"][heads].mean(0).ravel(), kind="stable")
+    return (score, maps["contrast_a"][heads].mean(0), maps["contrast_b"][heads].mean(0), order_a, order_b,
+            lambda oa, ob, insertion: curves(model, enc_a, enc_b, oa, ob, insertion))
 
 
 def pick_pairs(split, n):
@@ -180,24 +265,26 @@ def gallery(model, ckpt, args, device, tracker):
     print(f"wrote {len(entries)} pair pages and index.html to {args.out}")
 
 
+def masks(order, insertion):
+    """(P + 1, P) bool: row k keeps the first k patches of the order (insertion) or all but them (deletion)."""
+    P = len(order)
+    keep = torch.zeros(P + 1, P, dtype=torch.bool)
+    for k in range(P + 1):
+        keep[k, order[:k]] = True
+    return keep if insertion else ~keep
+
+
 @torch.no_grad()
 def curves(model, enc_a, enc_b, order_a, order_b, insertion):
-    """Pair score as patches are removed (or added) in the given orders, on both images at once."""
-    P = len(order_a)
-    keep_a = torch.zeros(P + 1, P, dtype=torch.bool)
-    keep_b = torch.zeros(P + 1, P, dtype=torch.bool)
-    for k in range(P + 1):  # row k: the first k patches of the order are present (insertion) or gone (deletion)
-        keep_a[k, order_a[:k]] = True
-        keep_b[k, order_b[:k]] = True
-    if not insertion:
-        keep_a, keep_b = ~keep_a, ~keep_b
+    """promptcam: pair score as patches are removed (or added) in the given orders, on both images at once."""
     device = enc_a.prompt.device
 
     def directed(prompt_enc, image_enc, keep):
         scores, _ = model.score_prompts(prompt_enc.prompt[None, None], image_enc[None], keep_patches=keep.to(device))
         return scores[:, 0]
 
-    return ((directed(enc_a, enc_b, keep_b) + directed(enc_b, enc_a, keep_a)) / 2).float().cpu().numpy()
+    return ((directed(enc_a, enc_b, masks(order_b, insertion)) + directed(enc_b, enc_a, masks(order_a, insertion)))
+            / 2).float().cpu().numpy()
 
 
 def area(curve):
@@ -214,13 +301,10 @@ def faithfulness(model, ckpt, args, device, n_random=5):
     rng = np.random.default_rng(0)
     results = {k: [] for k in ("deletion_map", "deletion_random", "insertion_map", "insertion_random")}
     for a, b, _ in pick_pairs(split, args.n):
-        enc_a, enc_b = encode_pair(model, images[a], images[b], device)
-        score, heads, maps = explain(model, enc_a, enc_b, args.heads)
-        order_a = np.argsort(-maps["cross_b_on_a"][heads].mean(0).ravel(), kind="stable")
-        order_b = np.argsort(-maps["cross_a_on_b"][heads].mean(0).ravel(), kind="stable")
+        score, _, _, order_a, order_b, pair_curves = evidence(model, images[a], images[b], device, args.heads)
         randoms = [(rng.permutation(len(order_a)), rng.permutation(len(order_b))) for _ in range(n_random)]
         for mode, insertion in (("deletion", False), ("insertion", True)):
-            change = lambda oa, ob: area(np.abs(curves(model, enc_a, enc_b, oa, ob, insertion) - score))  # noqa: E731
+            change = lambda oa, ob: area(np.abs(pair_curves(oa, ob, insertion) - score))  # noqa: E731
             results[f"{mode}_map"].append(change(order_a, order_b))
             results[f"{mode}_random"].append(np.mean([change(ra, rb) for ra, rb in randoms]))
     r = {k: np.array(v) for k, v in results.items()}
@@ -247,11 +331,10 @@ def trait_hits(model, ckpt, args, device):
     cell = size / grid
     hits = chance = total = 0
     for a, b, _ in [p for p in pick_pairs(split, 2 * args.n) if p[2] == TWIN][:args.n]:
-        enc_a, enc_b = encode_pair(model, images[a], images[b], device)
-        _, heads, maps = explain(model, enc_a, enc_b, args.heads)
-        for image, key in ((a, "contrast_a"), (b, "contrast_b")):
+        _, contrast_a, contrast_b, _, _, _ = evidence(model, images[a], images[b], device, args.heads)
+        for image, contrast in ((a, contrast_a), (b, contrast_b)):
             with_mark = patches_with_marks(marks[split.paths[image]], data.image_side(split.paths[image]), size, grid)
-            peak = int(np.argmax(maps[key][heads].mean(0)))
+            peak = int(np.argmax(contrast))
             hits += peak in with_mark
             chance += len(with_mark) / grid ** 2
             total += 1
@@ -280,7 +363,8 @@ def main(argv=None):
     ap.add_argument("images", nargs="*", help="two face images, A and B")
     ap.add_argument("--ckpt", default="ckpt/best.pt")
     ap.add_argument("--out", help="figure (pair) or folder (gallery); default pair.png / cam_gallery")
-    ap.add_argument("--heads", type=int, default=3, help="how many top-ranked heads to show")
+    ap.add_argument("--heads", type=int, default=3,
+                    help="how many top-ranked heads (promptcam) or most differing trait prompts (traits) to show")
     ap.add_argument("--pairs", choices=["test"], help="a gallery of test pairs")
     ap.add_argument("--n", type=int, default=16, help="pairs for --pairs, --faithfulness and --trait-hits")
     ap.add_argument("--faithfulness", action="store_true")
@@ -300,7 +384,7 @@ def main(argv=None):
     device = torch.device(args.device)
     model, ckpt = load_model(args.ckpt, device)
     tracker = tracker_of_checkpoint(ckpt, args.ckpt) if args.tracker else Tracker()
-    args.heads = min(args.heads, model.num_heads)
+    args.heads = shown(model, args.heads)
     if args.pairs:
         args.out = args.out or "cam_gallery"
         gallery(model, ckpt, args, device, tracker)

@@ -475,17 +475,26 @@ class TraitPromptVerifier(CosineVerifier):
         self.trait_prompts = nn.Parameter(torch.randn(trait_prompts, D) * 0.02)
         self.class_prompts = nn.Parameter(torch.randn(num_classes, trait_prompts, D) * 0.02)
 
-    def read(self, images, blurred_heads=None, keep_patches=None):
-        """Each trait prompt's output (B, K, D) and its attention over the patches (B, heads, K, patches)."""
+    def patch_keys_values(self, images):
+        """Blocks 1..L-1 once per image; what the trait prompts read: the last block's keys and values of the
+        patches, each (B, heads, patches, 64)."""
         x = with_deep_prompts(self.vit, self.deep_prompts, images)
         last = self.vit.blocks[-1]
         _, keys, values = last.attn.split_heads(last.norm1(x[:, self.vit.num_prefix:]))
-        return prompt_rows(self.vit, self.trait_prompts[None], keys, values, 1, blurred_heads, keep_patches)
+        return keys, values
+
+    def read(self, keys, values, keep_patches=None):
+        """Each trait prompt's output (B, K, D) and its attention over the patches (B, heads, K, patches);
+        keep_patches as in prompt_rows."""
+        return prompt_rows(self.vit, self.trait_prompts[None], keys, values, 1, keep_patches=keep_patches)
+
+    @staticmethod
+    def embed(out):
+        """(B, K * D) unit embeddings from the trait outputs (B, K, D): each normalised, weighing 1/K in a cosine."""
+        return F.normalize(out.float(), dim=-1).flatten(1) / math.sqrt(out.shape[1])
 
     def encode(self, images):
-        """(B, K * D) unit embeddings: the K normalised trait outputs, each weighing 1/K in a cosine."""
-        out, _ = self.read(images)
-        return F.normalize(out.float(), dim=-1).flatten(1) / math.sqrt(out.shape[1])
+        return self.embed(self.read(*self.patch_keys_values(images))[0])
 
     def forward(self, images):
         emb = self.encode(images)

@@ -437,14 +437,14 @@ def main(argv=None):
 
 
 def log_validation_figures(tracker, raw, val, val_images, val_split, device, epoch):
-    """The validation ROC and score histograms and, for promptcam, the explanation of one fixed validation twin
-    pair, so a run can be watched in the tracker."""
+    """The validation ROC and score histograms and, for the prompt methods, the explanation of one fixed
+    validation twin pair, so a run can be watched in the tracker."""
     tracker.log_image("val_roc", evaluate.roc_figure(val["scores"], val["kind"], f"validation, epoch {epoch + 1}"),
                       epoch)
-    if raw.method == "promptcam":
+    if raw.method != "arcface":
         a, b, _ = cam.pick_pairs(val_split, 1)[0]  # the first twin-impostor pair of the protocol
         _, figure = cam.pair_figure(raw, val_images[a], val_images[b], val_split.paths[a], val_split.paths[b],
-                                    val["threshold"], min(3, raw.num_heads), device)
+                                    val["threshold"], cam.shown(raw, 3), device)
         tracker.log_image("val_explanation", figure, epoch)
 
 

@@ -89,3 +89,37 @@ def test_marks_map_to_the_patches_they_cover():
     # a mark at the centre of a 56 px image (4x4 grid of 14 px) touches the four middle patches
     assert cam.patches_with_marks([[28, 28, 2]], 56, 56, 4) == {5, 6, 9, 10}
     assert cam.patches_with_marks([[7, 7, 1]], 112, 56, 4) == {0}  # saved at 112 px, used at 56 px
+
+
+def test_traits_maps_explain_the_score_evaluate_gives(tmp_path, synth_dir):
+    """Verifier v2: the figure's per-prompt terms add up to the pair score evaluate.py uses, the maps are those
+    prompts' attention, and the deletion and insertion curves start from and return to that score."""
+    from conftest import tiny_config
+    import data
+    from model import read_training_checkpoint, verifier_from_checkpoint
+    cfg = tiny_config(tmp_path, synth_dir, epochs=1, method="traits", trait_prompts=3)
+    run_py(["train.py", "--cfg", cfg])
+    ckpt_path = str(tmp_path / "run" / "best.pt")
+    model = verifier_from_checkpoint(read_training_checkpoint(ckpt_path), ckpt_path).eval()
+    split = data.load_split(f"{synth_dir}/test_info.json", f"{synth_dir}/test_pairs.json")
+    images = data.build_cache(split.paths, 56, str(tmp_path / "cache"), verbose=False)
+    a, b, _ = cam.pick_pairs(split, 1)[0]
+    with torch.no_grad():
+        emb = model.encode(data.normalize(images[[a, b]]))
+    protocol_score = float(model.score_pairs(emb, [0], [1])[0])
+    _, score, terms, maps = cam.read_traits(model, images[a], images[b], torch.device("cpu"))
+    assert terms.shape == (3,) and score == pytest.approx(protocol_score, abs=1e-5)
+    assert maps.shape == (2, 3, 4, 4) and np.all(maps >= 0) and np.all(maps.sum((2, 3)) <= 1 + 1e-5)
+    score_e, contrast_a, _, order_a, order_b, curves = cam.evidence(model, images[a], images[b], torch.device("cpu"), 3)
+    k = int(np.argmin(terms))
+    np.testing.assert_allclose(contrast_a, maps[0, k] - maps[1, k])
+    deletion, insertion = curves(order_a, order_b, False), curves(order_a, order_b, True)
+    assert deletion[0] == pytest.approx(score, abs=1e-5) and insertion[-1] == pytest.approx(score, abs=1e-5)
+    assert len(deletion) == 17 and not np.allclose(deletion, score)  # hiding patches moves the score
+    proc = run_py(["cam.py", "--pairs", "test", "--n", "2", "--heads", "2", "--ckpt", ckpt_path,
+                   "--out", str(tmp_path / "gallery")])
+    assert "wrote 2 pair pages" in proc.stdout
+    with Image.open(tmp_path / "gallery" / "pair_000_twin.png") as im:
+        assert im.height > 2 * 150  # two trait-prompt rows
+    proc = run_py(["cam.py", "--trait-hits", f"{synth_dir}/traits.json", "--n", "2", "--ckpt", ckpt_path])
+    assert "/4 =" in proc.stdout

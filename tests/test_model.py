@@ -224,7 +224,7 @@ def test_trait_prompt_embedding_is_one_cosine_per_prompt_read_from_the_patches_o
                 p.add_(torch.randn_like(p) * 0.2)
         x = torch.randn(4, 3, 56, 56)
         emb = m.encode(x)
-        out, attn = m.read(x)
+        out, attn = m.read(*m.patch_keys_values(x))
         torch.testing.assert_close(torch.cat([m.encode(x[i:i + 1]) for i in range(4)]), emb, atol=1e-5, rtol=0)
     per_prompt = torch.nn.functional.cosine_similarity(out[0], out[1], dim=-1)  # (K,)
     torch.testing.assert_close(m.score_pairs(emb, [0], [1])[0], per_prompt.mean(), atol=1e-5, rtol=0)
@@ -241,5 +241,5 @@ def test_trait_prompt_embedding_is_one_cosine_per_prompt_read_from_the_patches_o
                            (torch.cat([x_in[:, :n], x_in[:, n:n + 1] + noise[:, n:n + 1], x_in[:, n + 1:]], 1), True)):
         monkeypatch.setattr(model, "with_deep_prompts", lambda vit, prompts, images, moved=moved: moved)
         with torch.no_grad():
-            rows, _ = m.read(x[:1])
+            rows, _ = m.read(*m.patch_keys_values(x[:1]))
         assert (rows - out[:1]).abs().max().item() > 1e-3 if changes else torch.allclose(rows, out[:1], atol=1e-5)
