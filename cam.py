@@ -216,10 +216,11 @@ def evidence(model, image_a, image_b, device, top):
 
         @torch.no_grad()
         def traits_curves(oa, ob, insertion):
-            keep_a, keep_b = masks(oa, insertion), masks(ob, insertion)
-            emb_a = model.embed(model.read(keys[:1], values[:1], keep_a.to(keys.device))[0])
-            emb_b = model.embed(model.read(keys[1:], values[1:], keep_b.to(keys.device))[0])
-            return (emb_a * emb_b).sum(-1).cpu().numpy()
+            # as promptcam's two directions: each face, masked, against the other one whole
+            whole = model.embed(model.read(keys, values)[0])
+            masked_a = model.embed(model.read(keys[:1], values[:1], masks(oa, insertion).to(keys.device))[0])
+            masked_b = model.embed(model.read(keys[1:], values[1:], masks(ob, insertion).to(keys.device))[0])
+            return ((masked_a @ whole[1] + masked_b @ whole[0]) / 2).cpu().numpy()
         return score, contrast_a, contrast_b, order_a, order_b, traits_curves
     enc_a, enc_b = encode_pair(model, image_a, image_b, device)
     score, heads, maps = explain(model, enc_a, enc_b, top)
