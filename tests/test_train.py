@@ -369,7 +369,7 @@ def test_arcface_method_trains_evaluates_writes_its_backbone_and_keeps_its_metho
                   check=False)
     assert proc.returncode != 0 and "method: 'arcface' in the checkpoint, 'promptcam' now" in proc.stderr
     proc = run_py(["train.py", "--cfg", cfg, "--method", "siamese"], check=False)
-    assert proc.returncode != 0 and "'method' must be one of ('promptcam', 'arcface')" in proc.stderr
+    assert proc.returncode != 0 and "'method' must be one of ('promptcam', 'arcface', 'traits')" in proc.stderr
 
 
 def test_eta_comes_from_the_steady_epochs_not_a_slow_first_one(tmp_path, synth_dir):
