@@ -1,5 +1,5 @@
-"""A hand-written DINO/DINOv2 ViT, the open-set Prompt-CAM twin verifier (see ../shared/design.md) and the
-ArcFace embedding it is measured against.
+"""A hand-written DINO/DINOv2 ViT, the open-set Prompt-CAM twin verifier (see ../shared/design.md), verifier v2
+(trait prompts whose outputs form the embedding) and the ArcFace embedding both are measured against.
 
 ViT: patch embedding, CLS token (+ optional registers), learned positional embedding resampled once to
 the training size, pre-norm blocks with optional LayerScale, final LayerNorm. It loads the official
@@ -392,7 +392,7 @@ def freeze_backbone(vit, train_blocks):
 
 
 class Verifier(nn.Module):
-    """What both methods share: a partly frozen ViT, and checkpoints that hold the trainable weights only."""
+    """What every method shares: a partly frozen ViT, and checkpoints that hold the trainable weights only."""
     method = None
 
     def __init__(self, vit: ViT, train_blocks):
