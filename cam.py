@@ -30,11 +30,8 @@ def load_model(ckpt_path, device):
     method = ckpt["model_args"].get("method", "promptcam")
     if method == "arcface":
         raise SystemExit(f"{ckpt_path}: a method 'arcface' checkpoint has no prompts, so there are no prompt maps "
-                         f"to draw; cam.py explains promptcam checkpoints (evaluate.py scores every method)")
-    try:
-        model = verifier_from_checkpoint(ckpt, ckpt_path, ckpt["config"]["weights_dir"] or None)
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
+                         f"to draw; cam.py explains traits and promptcam checkpoints (evaluate.py scores every method)")
+    model = verifier_from_checkpoint(ckpt, ckpt_path, ckpt["config"]["weights_dir"] or None)
     return model.to(device).eval(), ckpt
 
 

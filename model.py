@@ -460,7 +460,7 @@ class ArcFaceVerifier(CosineVerifier):
 
 
 class TraitPromptVerifier(CosineVerifier):
-    """Verifier v2 (an experiment, see the README's ablation table): K class-agnostic trait prompts read the
+    """Verifier v2, the default (see the README's ablation table): K class-agnostic trait prompts read the
     face's patches (never CLS or registers) in the last block, and their normalised outputs, concatenated, are
     the identity embedding, so a pair's cosine is the mean of one cosine per trait prompt, each computed from
     where that prompt looks on both faces. The training identities' class prompts, one per trait prompt, are
@@ -635,9 +635,14 @@ def read_training_checkpoint(path):
 
 
 def verifier_from_checkpoint(ckpt, source, weights_dir=None):
-    """Rebuild the verifier a training checkpoint describes (backbone from `arch`, then its trainable weights)."""
-    model = build_verifier(**ckpt["model_args"], weights_dir=weights_dir)
-    if model.vit.fingerprint != ckpt["backbone_fingerprint"]:
-        raise ValueError(f"{source}: was trained on other backbone weights than {ckpt['model_args']['arch']}")
-    model.load_trainable_state(ckpt["model"], source)
+    """Rebuild the verifier a training checkpoint describes (backbone from `arch`, then its trainable weights),
+    or a SystemExit that names the checkpoint and what does not match."""
+    try:
+        model = build_verifier(**ckpt["model_args"], weights_dir=weights_dir)
+        if model.vit.fingerprint != ckpt["backbone_fingerprint"]:
+            raise ValueError(f"{source}: was trained on other backbone weights than {ckpt['model_args']['arch']} "
+                             f"holds now (that file was replaced after training)")
+        model.load_trainable_state(ckpt["model"], source)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     return model

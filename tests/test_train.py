@@ -91,6 +91,20 @@ def test_resume_with_another_config_is_refused(trained_run):
     assert "--resume " in proc.stderr and "no such file" in proc.stderr
 
 
+def test_a_checkpoint_from_before_the_method_key_resumes_as_promptcam(trained_run, tmp_path):
+    """Runs saved before `method` existed were promptcam; the default is traits now."""
+    tmp, cfg = trained_run
+    ckpt = torch.load(f"{tmp}/run/last.pt", weights_only=True)
+    for key in ("method", "margin", "scale", "trait_prompts"):
+        del ckpt["config"][key]
+    old = tmp_path / "old"
+    old.mkdir()
+    torch.save(ckpt, old / "last.pt")
+    run_py(["train.py", "--resume", str(old / "last.pt"), "--epochs", "3", "--out_dir", str(old)])
+    resumed = torch.load(old / "last.pt", weights_only=True)
+    assert resumed["epoch"] == 2 and resumed["config"]["method"] == "promptcam"
+
+
 def test_a_failed_save_leaves_the_previous_checkpoint_intact(trained_run):
     tmp, _ = trained_run
     last = f"{tmp}/run/last.pt"
@@ -359,6 +373,9 @@ def test_arcface_method_trains_evaluates_writes_its_backbone_and_keeps_its_metho
     with torch.no_grad():
         torch.testing.assert_close(backbone(x), trained.vit(x), atol=1e-6, rtol=0)
         assert not torch.allclose(backbone(x), model.load_vit(TINY_ARCH, 56).eval()(x), atol=1e-3)  # it trained
+    ckpt["backbone_fingerprint"] = "of other weights"  # as when the `arch` file is replaced after training
+    with pytest.raises(SystemExit, match="best.pt: was trained on other backbone weights than .* holds now"):
+        model.verifier_from_checkpoint(ckpt, "best.pt")
 
     run_py(["evaluate.py", "--ckpt", str(run / "best.pt"), "--out", str(tmp_path / "eval")])
     metrics = json.load(open(tmp_path / "eval" / "metrics.json"))
