@@ -227,7 +227,7 @@ def test_random_style_twins_in_the_same_photo_conditions_differ_only_inside_thei
         for x, y, r in placed_a + placed_b:  # a mark's radius, plus the 3 px a Lanczos downsampling reaches
             inside |= (xx - x) ** 2 + (yy - y) ** 2 <= (r + 4.5) ** 2  # and a pixel's diagonal
         assert differs.any() and not (differs & ~inside).any(), np.argwhere(differs & ~inside)[:5]
-        assert all(r < 6 for _, _, r in placed_a + placed_b)  # small: a few pixels at the saved size
+        assert all(r < 9 for _, _, r in placed_a + placed_b)  # small: a mark reaches at most 8 px at 112
     # and another photo of the same person differs everywhere: pose, light and background vary
     other = data._photo_conditions(np.random.default_rng(99), size, "random")
     im_a2, _ = data._draw_face(look, marks_a, other, size)
