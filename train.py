@@ -35,10 +35,10 @@ DEFAULTS = {
     # data: the user's info files; path_remap 'OLD=NEW' rewrites paths made on another machine
     "train_info": "", "train_pairs": "", "test_info": "", "test_pairs": "", "path_remap": "",
     "cache_dir": "cache", "cache_device": "auto",  # auto: on the GPU when it takes under a quarter of it
-    # model; method arcface is the conventional yardstick (no prompts, margin loss, cosine score)
-    "method": "promptcam", "arch": "dinov2_vits14", "weights_dir": "", "img_size": 224, "deep_prompts": 4,
-    "train_blocks": 0, "margin": 0.3, "scale": 30.0,  # the angular margin and logit scale of arcface's loss
-    "trait_prompts": 4,  # method traits (verifier v2, an experiment): prompts whose outputs form the embedding
+    # model: traits (verifier v2), promptcam (v1) or arcface, the conventional yardstick (no prompts, no maps)
+    "method": "traits", "arch": "dinov2_vits14", "weights_dir": "", "img_size": 224, "deep_prompts": 4,
+    "train_blocks": 0, "margin": 0.3, "scale": 30.0,  # the margin loss's angle and logit scale (traits, arcface)
+    "trait_prompts": 4,  # method traits: the prompts whose normalised outputs form the identity embedding
     # optimisation
     "epochs": 30, "batch_size": 64, "images_per_person": 4, "lr": 2e-3, "weight_decay": 0.05,
     "warmup_epochs": 1, "loss_class": 1.0, "loss_episodic": 1.0, "loss_pull": 0.1, "hflip": False,
@@ -242,7 +242,8 @@ def main(argv=None):
     ckpt = read_training_checkpoint(resume_path) if resume_path else None
     if ckpt:
         # the checkpoint's config, then what the user gave now, which may only move or re-track the run
-        trained = {**DEFAULTS, **ckpt["config"]}  # a key added since then has its default: what the run did
+        # a key added since then has its default, which is what the run did; runs from before `method` were promptcam
+        trained = {**DEFAULTS, "method": "promptcam", **ckpt["config"]}
         cfg = load_config(args.cfg, overrides, base=trained)
         check_resume_config(cfg, trained, resume_path)
     for key in ("train_info", "train_pairs"):

@@ -46,8 +46,8 @@ def synth_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, synth_dir):
-    """One short training run shared by the evaluation and explanation tests: (tmp dir, config path)."""
+    """One short promptcam (v1) run shared by the evaluation and explanation tests: (tmp dir, config path)."""
     tmp = tmp_path_factory.mktemp("trained")
-    cfg = tiny_config(tmp, synth_dir, epochs=2)
+    cfg = tiny_config(tmp, synth_dir, epochs=2, method="promptcam")
     run_py(["train.py", "--cfg", cfg])
     return str(tmp), cfg
