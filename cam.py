@@ -150,15 +150,16 @@ def figure(image_a, image_b, name_a, name_b, score, threshold, heads, maps, pane
 
 @torch.no_grad()
 def read_traits(model, image_a, image_b, device):
-    """The trait prompts on both faces: the patch keys and values, the score, its one term per prompt (they add
-    up to it) and each prompt's attention on A and on B averaged over heads, (2, K, grid, grid)."""
+    """The trait prompts on both faces: what was read (the patch keys and values, and both embeddings), the score,
+    its one term per prompt (they add up to it) and each prompt's attention on A and on B averaged over heads,
+    (2, K, grid, grid)."""
     keys, values = model.patch_keys_values(data.normalize(torch.stack([image_a, image_b]).to(device)))
     out, attn = model.read(keys, values)
-    unit = torch.nn.functional.normalize(out.float(), dim=-1)
-    terms = ((unit[0] * unit[1]).sum(-1) / unit.shape[1]).cpu().numpy()
+    emb = model.embed(out)
+    terms = (emb[0] * emb[1]).view(out.shape[1], -1).sum(-1).cpu().numpy()
     grid = model.vit.grid
     maps = attn.float().mean(1).reshape(2, -1, grid, grid).cpu().numpy()
-    return (keys, values), float(terms.sum()), terms, maps
+    return (keys, values, emb), float(terms.sum()), terms, maps
 
 
 def traits_figure(image_a, image_b, name_a, name_b, score, threshold, terms, maps, top, panel=150):
@@ -205,7 +206,7 @@ def evidence(model, image_a, image_b, device, top):
     promptcam: self minus cross of the top heads; traits: the most differing prompt's map on one face minus on
     the other, and the order of all prompts' attention."""
     if model.method == "traits":
-        (keys, values), score, terms, maps = read_traits(model, image_a, image_b, device)
+        (keys, values, whole), score, terms, maps = read_traits(model, image_a, image_b, device)
         k = int(np.argmin(terms))
         contrast_a, contrast_b = maps[0, k] - maps[1, k], maps[1, k] - maps[0, k]
         order_a = np.argsort(-maps[0].mean(0).ravel(), kind="stable")
@@ -214,7 +215,6 @@ def evidence(model, image_a, image_b, device, top):
         @torch.no_grad()
         def traits_curves(oa, ob, insertion):
             # as promptcam's two directions: each face, masked, against the other one whole
-            whole = model.embed(model.read(keys, values)[0])
             masked_a = model.embed(model.read(keys[:1], values[:1], masks(oa, insertion).to(keys.device))[0])
             masked_b = model.embed(model.read(keys[1:], values[1:], masks(ob, insertion).to(keys.device))[0])
             return ((masked_a @ whole[1] + masked_b @ whole[0]) / 2).cpu().numpy()
