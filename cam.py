@@ -21,13 +21,13 @@ import torch
 import data
 import plots
 from evaluate import GENUINE, TWIN, protocol_pairs
-from model import read_training_checkpoint, verifier_from_checkpoint
+from model import METHOD_BEFORE_THE_KEY, read_training_checkpoint, verifier_from_checkpoint
 from tracking import Tracker, tracker_of_checkpoint
 
 
 def load_model(ckpt_path, device):
     ckpt = read_training_checkpoint(ckpt_path)
-    method = ckpt["model_args"].get("method", "promptcam")
+    method = ckpt["model_args"].get("method", METHOD_BEFORE_THE_KEY)
     if method == "arcface":
         raise SystemExit(f"{ckpt_path}: a method 'arcface' checkpoint has no prompts, so there are no prompt maps "
                          f"to draw; cam.py explains traits and promptcam checkpoints (evaluate.py scores every method)")

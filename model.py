@@ -592,9 +592,10 @@ class PromptCamVerifier(Verifier):
 
 
 METHODS = ("promptcam", "arcface", "traits")
+METHOD_BEFORE_THE_KEY = "promptcam"  # what checkpoints saved before `method` existed trained
 
 
-def build_verifier(arch, img_size, num_classes, deep_prompts, train_blocks, method="promptcam", margin=0.3,
+def build_verifier(arch, img_size, num_classes, deep_prompts, train_blocks, method=METHOD_BEFORE_THE_KEY, margin=0.3,
                    scale=30.0, trait_prompts=4, weights_dir=None):
     """The verifier a config describes; arcface reads no prompts, promptcam no margin, scale or trait prompts."""
     vit = load_vit(arch, img_size, weights_dir)

@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import cam
 import data
 import evaluate
-from model import METHODS, build_verifier, official_backbone_state, read_training_checkpoint
+from model import METHOD_BEFORE_THE_KEY, METHODS, build_verifier, official_backbone_state, read_training_checkpoint
 from progress import Progress, format_seconds
 from tracking import make_tracker
 
@@ -242,8 +242,8 @@ def main(argv=None):
     ckpt = read_training_checkpoint(resume_path) if resume_path else None
     if ckpt:
         # the checkpoint's config, then what the user gave now, which may only move or re-track the run
-        # a key added since then has its default, which is what the run did; runs from before `method` were promptcam
-        trained = {**DEFAULTS, "method": "promptcam", **ckpt["config"]}
+        # a key added since then has its default, which is what the run did, except `method`
+        trained = {**DEFAULTS, "method": METHOD_BEFORE_THE_KEY, **ckpt["config"]}
         cfg = load_config(args.cfg, overrides, base=trained)
         check_resume_config(cfg, trained, resume_path)
     for key in ("train_info", "train_pairs"):
