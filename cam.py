@@ -151,23 +151,37 @@ def figure(image_a, image_b, name_a, name_b, score, threshold, heads, maps, pane
 @torch.no_grad()
 def read_traits(model, image_a, image_b, device):
     """The trait prompts on both faces: what was read (the patch keys and values, and both embeddings), the score,
-    its one term per prompt (they add up to it) and each prompt's attention on A and on B averaged over heads,
-    (2, K, grid, grid)."""
+    how far apart each prompt's part of the two embeddings is (half its squared distance: the K of them add up to
+    1 - score) and each prompt's attention on A and on B averaged over heads, (2, K, grid, grid)."""
     keys, values = model.patch_keys_values(data.normalize(torch.stack([image_a, image_b]).to(device)))
     out, attn = model.read(keys, values)
     emb = model.embed(out)
-    terms = (emb[0] * emb[1]).view(out.shape[1], -1).sum(-1).cpu().numpy()
+    apart = 0.5 * ((emb[0] - emb[1]) ** 2).view(out.shape[1], -1).sum(-1).cpu().numpy()
     grid = model.vit.grid
     maps = attn.float().mean(1).reshape(2, -1, grid, grid).cpu().numpy()
-    return (keys, values, emb), float(terms.sum()), terms, maps
+    return (keys, values, emb), float(emb[0] @ emb[1]), apart, maps
 
 
-def traits_figure(image_a, image_b, name_a, name_b, score, threshold, terms, maps, top, panel=150):
-    """traits: one row per trait prompt, the one whose reading differs most between the faces first: where it
-    looks on A and on B, and the difference of the two maps on each face."""
+def where_they_differ(apart, maps):
+    """(2, grid, grid): each prompt's attention on A and on B weighted by its share of 1 - score: where the
+    readings that set the faces apart were taken (each map adds up to 1 - score, less what the prompts gave
+    themselves)."""
+    return (apart[None, :, None, None] * maps).sum(1)
+
+
+def traits_figure(image_a, image_b, name_a, name_b, score, threshold, apart, maps, top, panel=150):
+    """traits: where the faces differ (every prompt's map weighted by its share of 1 - score), then one row per
+    trait prompt, the one whose reading differs most between the faces first: where it looks on A and on B, and
+    the difference of the two maps on each face."""
     photo_a, photo_b = to_photo(image_a), to_photo(image_b)
-    rows = []
-    for k in np.argsort(terms, kind="stable")[:top]:
+    differ = where_they_differ(apart, maps)
+    differ_max = float(differ.max()) or 1e-6
+    rows = [(f"where they differ: every prompt's attention times its share of 1 - score = {1 - score:.4f}",
+             plots.row([tile("A", photo_a, panel=panel), tile("B", photo_b, panel=panel),
+                        tile("differs on A", photo_a, differ[0], 0, differ_max, plots.SEQUENTIAL, panel),
+                        tile("differs on B", photo_b, differ[1], 0, differ_max, plots.SEQUENTIAL, panel),
+                        plots.colour_bar(panel + 18, 0, differ_max, plots.SEQUENTIAL, "1 - score")], gap=4))]
+    for k in np.argsort(-apart, kind="stable")[:top]:
         attn_max = float(maps[:, k].max())
         contrast_max = float(np.abs(maps[0, k] - maps[1, k]).max()) or 1e-6
         tiles = [tile("A", photo_a, panel=panel), tile("B", photo_b, panel=panel),
@@ -179,7 +193,8 @@ def traits_figure(image_a, image_b, name_a, name_b, score, threshold, terms, map
                       plots.DIVERGING, panel),
                  plots.colour_bar(panel + 18, 0, attn_max, plots.SEQUENTIAL, "attention"),
                  plots.colour_bar(panel + 18, -contrast_max, contrast_max, plots.DIVERGING, "A-B")]
-        rows.append((f"trait prompt {k}: adds {terms[k]:+.4f} to the score (cosine {terms[k] * len(terms):+.3f})",
+        rows.append((f"trait prompt {k}: {apart[k]:.4f} of 1 - score = {1 - score:.4f} "
+                     f"({apart[k] / max(1 - score, 1e-12):.0%})",
                      plots.row(tiles, gap=4)))
     return labelled_rows(header(name_a, name_b, score, threshold), rows)
 
@@ -192,8 +207,8 @@ def shown(model, wanted):
 def pair_figure(model, image_a, image_b, name_a, name_b, threshold, top, device):
     """(score, explanation figure) of two uint8 images; top: heads (promptcam) or trait prompts (traits) shown."""
     if model.method == "traits":
-        _, score, terms, maps = read_traits(model, image_a, image_b, device)
-        return score, traits_figure(image_a, image_b, name_a, name_b, score, threshold, terms, maps, top)
+        _, score, apart, maps = read_traits(model, image_a, image_b, device)
+        return score, traits_figure(image_a, image_b, name_a, name_b, score, threshold, apart, maps, top)
     enc_a, enc_b = encode_pair(model, image_a, image_b, device)
     score, heads, maps = explain(model, enc_a, enc_b, top)
     return score, figure(image_a, image_b, name_a, name_b, score, threshold, heads, maps)
@@ -203,14 +218,15 @@ def evidence(model, image_a, image_b, device, top):
     """What the map checks need of a pair: its score; each face's contrast map (grid, grid), whose peak should
     sit on a trait the twins do not share; each face's patches in map order; and curves(order_a, order_b,
     insertion), the pair score as patches go (or come) in those orders on both faces at once.
-    promptcam: self minus cross of the top heads; traits: the most differing prompt's map on one face minus on
-    the other, and the order of all prompts' attention."""
+    promptcam: self minus cross of the top heads; traits: where the faces differ (where_they_differ), and the
+    order of all prompts' attention weighted by their importance."""
     if model.method == "traits":
-        (keys, values, whole), score, terms, maps = read_traits(model, image_a, image_b, device)
-        k = int(np.argmin(terms))
-        contrast_a, contrast_b = maps[0, k] - maps[1, k], maps[1, k] - maps[0, k]
-        order_a = np.argsort(-maps[0].mean(0).ravel(), kind="stable")
-        order_b = np.argsort(-maps[1].mean(0).ravel(), kind="stable")
+        (keys, values, whole), score, apart, maps = read_traits(model, image_a, image_b, device)
+        contrast_a, contrast_b = where_they_differ(apart, maps)
+        # the patches the score leans on most first: each prompt's map weighted by its importance in the score
+        importance = model.importance().detach().cpu().numpy()[:, None, None]
+        order_a = np.argsort(-(importance * maps[0]).sum(0).ravel(), kind="stable")
+        order_b = np.argsort(-(importance * maps[1]).sum(0).ravel(), kind="stable")
 
         @torch.no_grad()
         def traits_curves(oa, ob, insertion):

@@ -41,6 +41,7 @@ UNUSED_CHECKPOINT_KEYS = {"mask_token"}
 SCRATCH_ARCHS = {"scratch_vit_tiny14": dict(embed_dim=128, depth=3, patch_size=14),
                  "scratch_vit_tiny14_conv": dict(embed_dim=128, depth=3, patch_size=14, conv_stem=True)}
 STEM_CHANNELS, STEM_STRIDE = 32, 2
+FLAT_CHANNELS = 32  # arcface: numbers per patch token in its flattened grid (the head stays small at 448 px)
 
 
 class Attention(nn.Module):
@@ -290,7 +291,7 @@ def check_state_dict(expected, state, source):
         raise ValueError(f"{source}: checkpoint does not fit the model:\n  " + "\n  ".join(problems))
 
 
-def prompt_rows(vit, prompts, keys, values, first_patch, blurred_heads=None, keep_patches=None):
+def prompt_rows(vit, prompts, keys, values, first_patch, blurred_heads=None, keep_patches=None, patch_bias=None):
     """M prompts through the last block as queries only, each attending to itself and to an image's tokens,
     never to another prompt: prompts (B, M, D), or (1, M, D) for the same M on every image, against keys and
     values (B, heads, N, 64). M queries against 1 + N keys, so the attention is formed explicitly (a fused kernel
@@ -300,13 +301,16 @@ def prompt_rows(vit, prompts, keys, values, first_patch, blurred_heads=None, kee
     patches. Returns the final-normed outputs (B, M, D) and the attention over the patches (B, heads, M, patches).
     blurred_heads (heads,) bool: those heads' patch attention made uniform with the same mass (Prompt-CAM's
     blur). keep_patches (B, patches) bool: the others are hidden; with the keys and values of one image,
-    (R, patches) gives R views of it without copying them.
+    (R, patches) gives R views of it without copying them. patch_bias (M, patches): added to each prompt's
+    logits over the patches, in every head.
     """
     block = vit.blocks[-1]
     q, k, v = block.attn.split_heads(block.norm1(prompts))
     on_tokens = q @ keys.transpose(-1, -2)
     on_itself = (q * k).sum(-1, keepdim=True).expand(*on_tokens.shape[:-1], 1)
     logits = torch.cat([on_itself, on_tokens], -1) * q.shape[-1] ** -0.5
+    if patch_bias is not None:
+        logits = logits + F.pad(patch_bias, (first_patch, 0)).to(logits.dtype)
     if keep_patches is not None:
         hidden = F.pad(~keep_patches, (first_patch, 0))[:, None, None, :]
         logits = logits.masked_fill(hidden, float("-inf"))
@@ -331,6 +335,25 @@ def with_deep_prompts(vit, deep_prompts, images):
         x = block(x)
         x = torch.cat([x[:, :n_prefix], x[:, n_prefix + n_deep:]], dim=1)
     return x
+
+
+def tiling_bias(num_prompts, grid):
+    """(num_prompts, grid * grid) attention-logit bias that tiles the patch grid with g x g cells
+    (g * g = num_prompts): prompt k's logits fall off as a Gaussian of a quarter cell's width around the centre
+    of cell k, so each prompt reads its own part of the face first (LayerNorm makes even a near-zero prompt's
+    query full-sized, so a wider one left the content in charge)."""
+    g = math.isqrt(num_prompts)
+    if g * g != num_prompts:
+        raise ValueError(f"trait_prompts={num_prompts} must be a square number: the prompts tile the face g x g")
+    cell = grid / g
+    centres = (torch.arange(g) + 0.5) * cell - 0.5  # in patch units
+    patch = torch.arange(grid, dtype=torch.float32)
+    dy = patch[None, :, None] - centres[:, None, None]  # (g, grid, 1): cell row to patch row
+    dx = patch[None, None, :] - centres[:, None, None]  # (g, 1, grid)
+    d2 = dy[:, None] ** 2 + dx[None, :] ** 2  # (g, g, grid, grid)
+    d2 = d2.reshape(num_prompts, grid * grid)
+    # 0 on the patch nearest the centre, so a prompt leans no more on its own token than without the bias
+    return -(d2 - d2.min(1, keepdim=True).values) / (2 * (cell / 4) ** 2)
 
 
 def arcface_loss(cos, labels, margin, scale):
@@ -438,21 +461,23 @@ class CosineVerifier(Verifier):
 
 
 class ArcFaceVerifier(CosineVerifier):
-    """The conventional yardstick: the embedding is the ViT's final tokens (CLS and the mean of the patches),
-    projected and normalised."""
+    """The conventional yardstick, as face recognition nets end (ArcFace's flattened last feature map): each
+    final patch token reduced to FLAT_CHANNELS numbers, the grid of them flattened in place, projected and
+    normalised. A pooled embedding (CLS and mean patch) loses where a mark is, which is what tells twins with
+    marks at random places apart: pooled, it stayed at chance on them (README, ablation)."""
     method = "arcface"
 
     def __init__(self, vit: ViT, num_classes, train_blocks=0, margin=0.3, scale=30.0):
         super().__init__(vit, train_blocks, margin, scale)
         D = vit.cfg.embed_dim
-        self.project = nn.Linear(2 * D, D)
+        self.reduce = nn.Linear(D, FLAT_CHANNELS)
+        self.project = nn.Linear(vit.grid ** 2 * FLAT_CHANNELS, D)
         self.class_centres = nn.Parameter(torch.randn(num_classes, D) * 0.02)
 
     def encode(self, images):
         """(B, D) unit embeddings; each image's depends on that image alone."""
-        x = self.vit(images)
-        pooled = torch.cat([x[:, 0], x[:, self.vit.num_prefix:].mean(1)], -1)
-        return F.normalize(self.project(pooled).float(), dim=-1)
+        patches = self.vit(images)[:, self.vit.num_prefix:]
+        return F.normalize(self.project(self.reduce(patches).flatten(1)).float(), dim=-1)
 
     def forward(self, images):
         emb = self.encode(images)
@@ -461,18 +486,24 @@ class ArcFaceVerifier(CosineVerifier):
 
 class TraitPromptVerifier(CosineVerifier):
     """Verifier v2, the default (see the README's ablation table): K class-agnostic trait prompts read the
-    face's patches (never CLS or registers) in the last block, and their normalised outputs, concatenated, are
-    the identity embedding, so a pair's cosine is the mean of one cosine per trait prompt, each computed from
-    where that prompt looks on both faces. The training identities' class prompts, one per trait prompt, are
-    the margin loss's class centres. The loss and the pair score are arcface's; only the embedding differs."""
+    face's patches (never CLS or registers) in the last block. They tile the face: a learned bias on each
+    prompt's attention logits starts as a Gaussian around its own cell of a sqrt(K) x sqrt(K) grid, so the
+    embedding keeps where each mark is (pooled over the whole face it did not, and twins told apart by marks at
+    random places stayed at chance). Each prompt's output, normalised, takes its cell's place in the embedding,
+    weighted by the square root of a learned importance (a softmax over the prompts): a pair's cosine is the
+    importance-weighted sum of one cosine per prompt, each computed from where that prompt looks on both faces.
+    The training identities' class prompts, one per trait prompt, are the margin loss's class centres. The loss
+    and the pair score are arcface's; only the embedding differs."""
     method = "traits"
 
-    def __init__(self, vit: ViT, num_classes, deep_prompts=4, train_blocks=0, trait_prompts=4, margin=0.3,
+    def __init__(self, vit: ViT, num_classes, deep_prompts=4, train_blocks=0, trait_prompts=36, margin=0.3,
                  scale=30.0):
         super().__init__(vit, train_blocks, margin, scale)
         D, L = vit.cfg.embed_dim, vit.cfg.depth
         self.deep_prompts = nn.Parameter(torch.randn(L - 1, deep_prompts, D) * 0.02)
         self.trait_prompts = nn.Parameter(torch.randn(trait_prompts, D) * 0.02)
+        self.region_bias = nn.Parameter(tiling_bias(trait_prompts, vit.grid))
+        self.importance_logits = nn.Parameter(torch.zeros(trait_prompts))
         self.class_prompts = nn.Parameter(torch.randn(num_classes, trait_prompts, D) * 0.02)
 
     def patch_keys_values(self, images):
@@ -486,21 +517,24 @@ class TraitPromptVerifier(CosineVerifier):
     def read(self, keys, values, keep_patches=None):
         """Each trait prompt's output (B, K, D) and its attention over the patches (B, heads, K, patches);
         keep_patches as in prompt_rows."""
-        return prompt_rows(self.vit, self.trait_prompts[None], keys, values, 1, keep_patches=keep_patches)
+        return prompt_rows(self.vit, self.trait_prompts[None], keys, values, 1, keep_patches=keep_patches,
+                           patch_bias=self.region_bias)
 
-    @staticmethod
-    def embed(out):
-        """(B, K * D) unit embeddings from the trait outputs (B, K, D): each normalised, weighing 1/K in a cosine."""
-        return F.normalize(out.float(), dim=-1).flatten(1) / math.sqrt(out.shape[1])
+    def importance(self):
+        """(K,) each prompt's weight in a pair's cosine; they add up to 1."""
+        return self.importance_logits.float().softmax(0)
+
+    def embed(self, out):
+        """(B, K * D) unit embeddings from the trait outputs (B, K, D), prompt k's part k-th."""
+        parts = F.normalize(out.float(), dim=-1) * self.importance().sqrt()[:, None]
+        return parts.flatten(1)
 
     def encode(self, images):
         return self.embed(self.read(*self.patch_keys_values(images))[0])
 
     def forward(self, images):
         emb = self.encode(images)
-        K = self.class_prompts.shape[1]
-        centres = F.normalize(self.class_prompts.float(), dim=-1).flatten(1) / math.sqrt(K)
-        return emb, emb @ centres.T
+        return emb, emb @ self.embed(self.class_prompts).T
 
 
 class PromptCamVerifier(Verifier):
@@ -596,7 +630,7 @@ METHOD_BEFORE_THE_KEY = "promptcam"  # what checkpoints saved before `method` ex
 
 
 def build_verifier(arch, img_size, num_classes, deep_prompts, train_blocks, method=METHOD_BEFORE_THE_KEY, margin=0.3,
-                   scale=30.0, trait_prompts=4, weights_dir=None):
+                   scale=30.0, trait_prompts=36, weights_dir=None):
     """The verifier a config describes; arcface reads no prompts, promptcam no margin, scale or trait prompts."""
     vit = load_vit(arch, img_size, weights_dir)
     if vit.family == "scratch" and train_blocks != vit.cfg.depth:

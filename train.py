@@ -38,7 +38,7 @@ DEFAULTS = {
     # model: traits (verifier v2), promptcam (v1) or arcface, the conventional yardstick (no prompts, no maps)
     "method": "traits", "arch": "dinov2_vits14", "weights_dir": "", "img_size": 224, "deep_prompts": 4,
     "train_blocks": 0, "margin": 0.3, "scale": 30.0,  # the margin loss's angle and logit scale (traits, arcface)
-    "trait_prompts": 4,  # method traits: the prompts whose normalised outputs form the identity embedding
+    "trait_prompts": 36,  # method traits: prompts tiling the face (a square number); their outputs form the embedding
     # optimisation
     "epochs": 30, "batch_size": 64, "images_per_person": 4, "lr": 2e-3, "weight_decay": 0.05,
     "warmup_epochs": 1, "loss_class": 1.0, "loss_episodic": 1.0, "loss_pull": 0.1, "hflip": False,
@@ -300,8 +300,10 @@ def main(argv=None):
         batch_size = largest_batch(raw, train_images, labels, K, device, precision, log)
     batches = data.FamilyBatches(train_split, K, max(1, batch_size // (2 * K)), cfg["seed"], rank, world)
     named = [(n, p) for n, p in raw.named_parameters() if p.requires_grad]
-    decay = [p for n, p in named if p.ndim >= 2 and "prompts" not in n]
-    no_decay = [p for n, p in named if not (p.ndim >= 2 and "prompts" not in n)]
+    # weight decay on weight matrices only: not on prompts, the prompts' region bias, norms or biases
+    decays = {n: p.ndim >= 2 and "prompts" not in n and not n.endswith("bias") for n, p in named}
+    decay = [p for n, p in named if decays[n]]
+    no_decay = [p for n, p in named if not decays[n]]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg["weight_decay"]},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg["lr"],
                                   fused=device.type == "cuda")

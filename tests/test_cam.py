@@ -92,12 +92,12 @@ def test_marks_map_to_the_patches_they_cover():
 
 
 def test_traits_maps_explain_the_score_evaluate_gives(tmp_path, synth_dir):
-    """Verifier v2: the figure's per-prompt terms add up to the pair score evaluate.py uses, the maps are those
-    prompts' attention, and the deletion and insertion curves start from and return to that score."""
+    """Verifier v2: the figure's per-prompt distances add up to 1 - the pair score evaluate.py uses, the maps are
+    those prompts' attention, and the deletion and insertion curves start from and return to that score."""
     from conftest import tiny_config
     import data
     from model import read_training_checkpoint, verifier_from_checkpoint
-    cfg = tiny_config(tmp_path, synth_dir, epochs=1, method="traits", trait_prompts=3)
+    cfg = tiny_config(tmp_path, synth_dir, epochs=1, method="traits", trait_prompts=4)
     run_py(["train.py", "--cfg", cfg])
     ckpt_path = str(tmp_path / "run" / "best.pt")
     model = verifier_from_checkpoint(read_training_checkpoint(ckpt_path), ckpt_path).eval()
@@ -107,12 +107,13 @@ def test_traits_maps_explain_the_score_evaluate_gives(tmp_path, synth_dir):
     with torch.no_grad():
         emb = model.encode(data.normalize(images[[a, b]]))
     protocol_score = float(model.score_pairs(emb, [0], [1])[0])
-    _, score, terms, maps = cam.read_traits(model, images[a], images[b], torch.device("cpu"))
-    assert terms.shape == (3,) and score == pytest.approx(protocol_score, abs=1e-5)
-    assert maps.shape == (2, 3, 4, 4) and np.all(maps >= 0) and np.all(maps.sum((2, 3)) <= 1 + 1e-5)
+    _, score, apart, maps = cam.read_traits(model, images[a], images[b], torch.device("cpu"))
+    assert apart.shape == (4,) and score == pytest.approx(protocol_score, abs=1e-5)
+    assert np.all(apart >= 0) and apart.sum() == pytest.approx(1 - score, abs=1e-5)
+    assert maps.shape == (2, 4, 4, 4) and np.all(maps >= 0) and np.all(maps.sum((2, 3)) <= 1 + 1e-5)
     score_e, contrast_a, _, order_a, order_b, curves = cam.evidence(model, images[a], images[b], torch.device("cpu"), 3)
-    k = int(np.argmin(terms))
-    np.testing.assert_allclose(contrast_a, maps[0, k] - maps[1, k])
+    np.testing.assert_allclose(contrast_a, (apart[:, None, None] * maps[0]).sum(0), rtol=1e-6)
+    assert 0 < contrast_a.sum() <= 1 - score + 1e-5  # each prompt's attention on itself is not on the face
     deletion, insertion = curves(order_a, order_b, False), curves(order_a, order_b, True)
     assert deletion[0] == pytest.approx(score, abs=1e-5) and insertion[-1] == pytest.approx(score, abs=1e-5)
     assert len(deletion) == 17 and not np.allclose(deletion, score)  # hiding patches moves the score

@@ -214,10 +214,30 @@ def test_backbone_in_the_official_layout_loads_strictly_with_the_same_tokens(arc
         torch.testing.assert_close(again.eval()(x), vit.eval()(x), atol=1e-6, rtol=0)
 
 
-def test_trait_prompt_embedding_is_one_cosine_per_prompt_read_from_the_patches_only(monkeypatch):
+def test_trait_prompts_tile_the_face_each_reading_its_own_cell_first():
+    bias = model.tiling_bias(9, 6)  # 3 x 3 cells of 2 x 2 patches
+    for k in range(9):
+        own = [(2 * (k // 3) + i) * 6 + 2 * (k % 3) + j for i in (0, 1) for j in (0, 1)]
+        assert set(bias[k].topk(4).indices.tolist()) == set(own)
+    torch.testing.assert_close(model.tiling_bias(36, 6).argmax(1), torch.arange(36))
+    # at the start of a scratch backbone (small weights: the content hardly moves the logits) each prompt's
+    # attention is its own cell's
+    torch.manual_seed(0)
+    m = model.build_verifier("scratch_vit_tiny14", 56, num_classes=5, deep_prompts=2, train_blocks=3,
+                             method="traits", trait_prompts=4).eval()
+    with torch.no_grad():
+        _, attn = m.read(*m.patch_keys_values(torch.randn(1, 3, 56, 56)))
+    cells = attn[0].mean(0).view(4, 2, 2, 2, 2).sum((2, 4))  # (prompt, cell row, cell column)
+    assert (cells.flatten(1).argmax(1) == torch.arange(4)).all()
+    with pytest.raises(ValueError, match="trait_prompts=5 must be a square number"):
+        model.build_verifier(TINY_ARCH, 56, num_classes=5, deep_prompts=2, train_blocks=0, method="traits",
+                             trait_prompts=5)
+
+
+def test_trait_prompt_embedding_is_one_term_per_prompt_read_from_the_patches_only(monkeypatch):
     torch.manual_seed(0)
     m = model.build_verifier(TINY_ARCH, 56, num_classes=5, deep_prompts=2, train_blocks=0, method="traits",
-                             trait_prompts=3).eval()
+                             trait_prompts=4).eval()
     with torch.no_grad():
         for p in m.parameters():
             if p.requires_grad:
@@ -226,11 +246,15 @@ def test_trait_prompt_embedding_is_one_cosine_per_prompt_read_from_the_patches_o
         emb = m.encode(x)
         out, attn = m.read(*m.patch_keys_values(x))
         torch.testing.assert_close(torch.cat([m.encode(x[i:i + 1]) for i in range(4)]), emb, atol=1e-5, rtol=0)
+    # the score is the importance-weighted sum of one cosine per prompt, of its own outputs on both faces
+    importance = m.importance()
+    assert importance.sum().item() == pytest.approx(1) and importance.shape == (4,)
     per_prompt = torch.nn.functional.cosine_similarity(out[0], out[1], dim=-1)  # (K,)
-    torch.testing.assert_close(m.score_pairs(emb, [0], [1])[0], per_prompt.mean(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(m.score_pairs(emb, [0], [1])[0], (importance * per_prompt).sum(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(emb.view(4, 4, -1).norm(dim=-1) ** 2, importance.expand(4, -1), atol=1e-5, rtol=0)
     # attention over the 16 patches and the prompt itself: nothing is left for CLS or the registers
-    assert attn.shape == (4, m.vit.blocks[-1].attn.num_heads, 3, 16)
-    assert (attn.sum(-1) <= 1 + 1e-5).all() and (attn.sum(-1) > 0.05).all()
+    assert attn.shape == (4, m.vit.blocks[-1].attn.num_heads, 4, 16)
+    assert (attn.sum(-1) <= 1 + 1e-5).all() and (attn.sum(-1) > 0).all()  # the rest is on the prompt itself
     _, cos = m(x)
     assert cos.shape == (4, 5) and cos.abs().max() <= 1 + 1e-5
     # read() itself, given a last-block input whose CLS and registers moved: nothing changes; a moved patch does
