@@ -162,11 +162,11 @@ def read_traits(model, image_a, image_b, device):
     return (keys, values, emb), float(emb[0] @ emb[1]), apart, maps
 
 
-def where_they_differ(apart, maps):
-    """(2, grid, grid): each prompt's attention on A and on B weighted by its share of 1 - score: where the
-    readings that set the faces apart were taken (each map adds up to 1 - score, less what the prompts gave
-    themselves)."""
-    return (apart[None, :, None, None] * maps).sum(1)
+def weighted_maps(weights, maps):
+    """(2, grid, grid): the prompts' maps on A and on B (2, K, grid, grid), weighted (K,) and summed. Weighted by
+    each prompt's share of 1 - score: where the faces differ, where the readings that set them apart were taken
+    (each map adds up to 1 - score, less what the prompts gave themselves)."""
+    return (weights[None, :, None, None] * maps).sum(1)
 
 
 def traits_figure(image_a, image_b, name_a, name_b, score, threshold, apart, maps, top, panel=150):
@@ -174,7 +174,7 @@ def traits_figure(image_a, image_b, name_a, name_b, score, threshold, apart, map
     trait prompt, the one whose reading differs most between the faces first: where it looks on A and on B, and
     the difference of the two maps on each face."""
     photo_a, photo_b = to_photo(image_a), to_photo(image_b)
-    differ = where_they_differ(apart, maps)
+    differ = weighted_maps(apart, maps)
     differ_max = float(differ.max()) or 1e-6
     rows = [(f"where they differ: every prompt's attention times its share of 1 - score = {1 - score:.4f}",
              plots.row([tile("A", photo_a, panel=panel), tile("B", photo_b, panel=panel),
@@ -218,15 +218,14 @@ def evidence(model, image_a, image_b, device, top):
     """What the map checks need of a pair: its score; each face's contrast map (grid, grid), whose peak should
     sit on a trait the twins do not share; each face's patches in map order; and curves(order_a, order_b,
     insertion), the pair score as patches go (or come) in those orders on both faces at once.
-    promptcam: self minus cross of the top heads; traits: where the faces differ (where_they_differ), and the
+    promptcam: self minus cross of the top heads; traits: where the faces differ (weighted_maps by share), and the
     order of all prompts' attention weighted by their importance."""
     if model.method == "traits":
         (keys, values, whole), score, apart, maps = read_traits(model, image_a, image_b, device)
-        contrast_a, contrast_b = where_they_differ(apart, maps)
+        contrast_a, contrast_b = weighted_maps(apart, maps)
         # the patches the score leans on most first: each prompt's map weighted by its importance in the score
-        importance = model.importance().detach().cpu().numpy()[:, None, None]
-        order_a = np.argsort(-(importance * maps[0]).sum(0).ravel(), kind="stable")
-        order_b = np.argsort(-(importance * maps[1]).sum(0).ravel(), kind="stable")
+        leaned_on = weighted_maps(model.importance().detach().cpu().numpy(), maps)
+        order_a, order_b = (np.argsort(-m.ravel(), kind="stable") for m in leaned_on)
 
         @torch.no_grad()
         def traits_curves(oa, ob, insertion):
