@@ -182,8 +182,8 @@ def traits_figure(image_a, image_b, name_a, name_b, score, threshold, apart, map
                         tile("differs on B", photo_b, differ[1], 0, differ_max, plots.SEQUENTIAL, panel),
                         plots.colour_bar(panel + 18, 0, differ_max, plots.SEQUENTIAL, "1 - score")], gap=4))]
     for k in np.argsort(-apart, kind="stable")[:top]:
-        attn_max = float(maps[:, k].max())
-        contrast_max = float(np.abs(maps[0, k] - maps[1, k]).max()) or 1e-6
+        # the difference on the maps' own scale, so a difference of 1e-6 is not drawn as loud as one of 1
+        attn_max = contrast_max = float(maps[:, k].max()) or 1e-6
         tiles = [tile("A", photo_a, panel=panel), tile("B", photo_b, panel=panel),
                  tile("prompt on A", photo_a, maps[0, k], 0, attn_max, plots.SEQUENTIAL, panel),
                  tile("prompt on B", photo_b, maps[1, k], 0, attn_max, plots.SEQUENTIAL, panel),

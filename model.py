@@ -291,7 +291,7 @@ def check_state_dict(expected, state, source):
         raise ValueError(f"{source}: checkpoint does not fit the model:\n  " + "\n  ".join(problems))
 
 
-def prompt_rows(vit, prompts, keys, values, first_patch, blurred_heads=None, keep_patches=None, patch_bias=None):
+def prompt_rows(vit, prompts, keys, values, first_patch, blurred_heads=None, keep_patches=None, cells=None):
     """M prompts through the last block as queries only, each attending to itself and to an image's tokens,
     never to another prompt: prompts (B, M, D), or (1, M, D) for the same M on every image, against keys and
     values (B, heads, N, 64). M queries against 1 + N keys, so the attention is formed explicitly (a fused kernel
@@ -301,16 +301,16 @@ def prompt_rows(vit, prompts, keys, values, first_patch, blurred_heads=None, kee
     patches. Returns the final-normed outputs (B, M, D) and the attention over the patches (B, heads, M, patches).
     blurred_heads (heads,) bool: those heads' patch attention made uniform with the same mass (Prompt-CAM's
     blur). keep_patches (B, patches) bool: the others are hidden; with the keys and values of one image,
-    (R, patches) gives R views of it without copying them. patch_bias (M, patches): added to each prompt's
-    logits over the patches, in every head.
+    (R, patches) gives R views of it without copying them. cells (M, patches) bool: each prompt sees only its own
+    patches (and itself), in every head.
     """
     block = vit.blocks[-1]
     q, k, v = block.attn.split_heads(block.norm1(prompts))
     on_tokens = q @ keys.transpose(-1, -2)
     on_itself = (q * k).sum(-1, keepdim=True).expand(*on_tokens.shape[:-1], 1)
     logits = torch.cat([on_itself, on_tokens], -1) * q.shape[-1] ** -0.5
-    if patch_bias is not None:
-        logits = logits + F.pad(patch_bias, (first_patch, 0)).to(logits.dtype)
+    if cells is not None:
+        logits = logits.masked_fill(F.pad(~cells, (first_patch, 0)), float("-inf"))
     if keep_patches is not None:
         hidden = F.pad(~keep_patches, (first_patch, 0))[:, None, None, :]
         logits = logits.masked_fill(hidden, float("-inf"))
@@ -337,23 +337,16 @@ def with_deep_prompts(vit, deep_prompts, images):
     return x
 
 
-def tiling_bias(num_prompts, grid):
-    """(num_prompts, grid * grid) attention-logit bias that tiles the patch grid with g x g cells
-    (g * g = num_prompts): prompt k's logits fall off as a Gaussian of a quarter cell's width around the centre
-    of cell k, so each prompt reads its own part of the face first (LayerNorm makes even a near-zero prompt's
-    query full-sized, so a wider one left the content in charge)."""
+def tiling_cells(num_prompts, grid):
+    """(num_prompts, grid * grid) bool: the patches of each prompt's cell, when g x g cells (g * g = num_prompts)
+    tile the patch grid row by row; a patch belongs to the cell its rows and columns fall in (cells of a grid
+    that g does not divide differ by a patch)."""
     g = math.isqrt(num_prompts)
     if g * g != num_prompts:
         raise ValueError(f"trait_prompts={num_prompts} must be a square number: the prompts tile the face g x g")
-    cell = grid / g
-    centres = (torch.arange(g) + 0.5) * cell - 0.5  # in patch units
-    patch = torch.arange(grid, dtype=torch.float32)
-    dy = patch[None, :, None] - centres[:, None, None]  # (g, grid, 1): cell row to patch row
-    dx = patch[None, None, :] - centres[:, None, None]  # (g, 1, grid)
-    d2 = dy[:, None] ** 2 + dx[None, :] ** 2  # (g, g, grid, grid)
-    d2 = d2.reshape(num_prompts, grid * grid)
-    # 0 on the patch nearest the centre, so a prompt leans no more on its own token than without the bias
-    return -(d2 - d2.min(1, keepdim=True).values) / (2 * (cell / 4) ** 2)
+    cell_of = torch.arange(grid) * g // grid  # the cell row (column) of each patch row (column)
+    cell = (cell_of[:, None] * g + cell_of[None, :]).flatten()
+    return cell[None, :] == torch.arange(num_prompts)[:, None]
 
 
 def arcface_loss(cos, labels, margin, scale):
@@ -486,14 +479,15 @@ class ArcFaceVerifier(CosineVerifier):
 
 class TraitPromptVerifier(CosineVerifier):
     """Verifier v2, the default (see the README's ablation table): K class-agnostic trait prompts read the
-    face's patches (never CLS or registers) in the last block. They tile the face: a learned bias on each
-    prompt's attention logits starts as a Gaussian around its own cell of a sqrt(K) x sqrt(K) grid, so the
-    embedding keeps where each mark is (pooled over the whole face it did not, and twins told apart by marks at
-    random places stayed at chance). Each prompt's output, normalised, takes its cell's place in the embedding,
-    weighted by the square root of a learned importance (a softmax over the prompts): a pair's cosine is the
-    importance-weighted sum of one cosine per prompt, each computed from where that prompt looks on both faces.
-    The training identities' class prompts, one per trait prompt, are the margin loss's class centres. The loss
-    and the pair score are arcface's; only the embedding differs."""
+    face's patches (never CLS or registers) in the last block. They tile the face: prompt k attends only to itself
+    and the patches of cell k of a sqrt(K) x sqrt(K) grid, so the embedding keeps where each mark is (pooled over
+    the whole face it did not, and twins told apart by marks at random places stayed at chance; a learned bias
+    toward the cell lost to a pre-trained backbone's keys, which drew every prompt to the same few patches). Each
+    prompt's output, normalised, takes its cell's place in the embedding, weighted by the square root of a
+    learned importance (a softmax over the prompts): a pair's cosine is the importance-weighted sum of one cosine
+    per prompt, each computed from where that prompt looks on both faces. The training identities' class prompts,
+    one per trait prompt, are the margin loss's class centres. The loss and the pair score are arcface's; only the
+    embedding differs."""
     method = "traits"
 
     def __init__(self, vit: ViT, num_classes, deep_prompts=4, train_blocks=0, trait_prompts=36, margin=0.3,
@@ -502,7 +496,7 @@ class TraitPromptVerifier(CosineVerifier):
         D, L = vit.cfg.embed_dim, vit.cfg.depth
         self.deep_prompts = nn.Parameter(torch.randn(L - 1, deep_prompts, D) * 0.02)
         self.trait_prompts = nn.Parameter(torch.randn(trait_prompts, D) * 0.02)
-        self.region_bias = nn.Parameter(tiling_bias(trait_prompts, vit.grid))
+        self.register_buffer("cells", tiling_cells(trait_prompts, vit.grid), persistent=False)
         self.importance_logits = nn.Parameter(torch.zeros(trait_prompts))
         self.class_prompts = nn.Parameter(torch.randn(num_classes, trait_prompts, D) * 0.02)
 
@@ -518,7 +512,7 @@ class TraitPromptVerifier(CosineVerifier):
         """Each trait prompt's output (B, K, D) and its attention over the patches (B, heads, K, patches);
         keep_patches as in prompt_rows."""
         return prompt_rows(self.vit, self.trait_prompts[None], keys, values, 1, keep_patches=keep_patches,
-                           patch_bias=self.region_bias)
+                           cells=self.cells)
 
     def importance(self):
         """(K,) each prompt's weight in a pair's cosine; they add up to 1."""

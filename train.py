@@ -300,8 +300,8 @@ def main(argv=None):
         batch_size = largest_batch(raw, train_images, labels, K, device, precision, log)
     batches = data.FamilyBatches(train_split, K, max(1, batch_size // (2 * K)), cfg["seed"], rank, world)
     named = [(n, p) for n, p in raw.named_parameters() if p.requires_grad]
-    # weight decay on weight matrices only: not on prompts, the prompts' region bias, norms or biases
-    decays = {n: p.ndim >= 2 and "prompts" not in n and not n.endswith("bias") for n, p in named}
+    # weight decay on weight matrices only: not on prompts, norms or biases
+    decays = {n: p.ndim >= 2 and "prompts" not in n for n, p in named}
     decay = [p for n, p in named if decays[n]]
     no_decay = [p for n, p in named if not decays[n]]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg["weight_decay"]},

@@ -214,21 +214,23 @@ def test_backbone_in_the_official_layout_loads_strictly_with_the_same_tokens(arc
         torch.testing.assert_close(again.eval()(x), vit.eval()(x), atol=1e-6, rtol=0)
 
 
-def test_trait_prompts_tile_the_face_each_reading_its_own_cell_first():
-    bias = model.tiling_bias(9, 6)  # 3 x 3 cells of 2 x 2 patches
+def test_trait_prompts_tile_the_face_each_reading_its_own_cell_only():
+    cells = model.tiling_cells(9, 6)  # 3 x 3 cells of 2 x 2 patches
     for k in range(9):
-        own = [(2 * (k // 3) + i) * 6 + 2 * (k % 3) + j for i in (0, 1) for j in (0, 1)]
-        assert set(bias[k].topk(4).indices.tolist()) == set(own)
-    torch.testing.assert_close(model.tiling_bias(36, 6).argmax(1), torch.arange(36))
-    # at the start of a scratch backbone (small weights: the content hardly moves the logits) each prompt's
-    # attention is its own cell's
+        own = {(2 * (k // 3) + i) * 6 + 2 * (k % 3) + j for i in (0, 1) for j in (0, 1)}
+        assert set(cells[k].nonzero().flatten().tolist()) == own
+    torch.testing.assert_close(model.tiling_cells(36, 6), torch.eye(36, dtype=torch.bool))
+    uneven = model.tiling_cells(36, 16)  # DINOv2 at 224 px: cells of 3, 3, 2, 3, 3, 2 patch rows and columns
+    assert (uneven.sum(0) == 1).all() and sorted(set(uneven.sum(1).tolist())) == [4, 6, 9]
+    # with a pre-trained backbone's keys (the fixture ViT) and trained prompts: nothing outside a prompt's cell
     torch.manual_seed(0)
-    m = model.build_verifier("scratch_vit_tiny14", 56, num_classes=5, deep_prompts=2, train_blocks=3,
-                             method="traits", trait_prompts=4).eval()
+    m = model.build_verifier(TINY_ARCH, 56, num_classes=5, deep_prompts=2, train_blocks=0, method="traits",
+                             trait_prompts=4).eval()
     with torch.no_grad():
-        _, attn = m.read(*m.patch_keys_values(torch.randn(1, 3, 56, 56)))
-    cells = attn[0].mean(0).view(4, 2, 2, 2, 2).sum((2, 4))  # (prompt, cell row, cell column)
-    assert (cells.flatten(1).argmax(1) == torch.arange(4)).all()
+        m.trait_prompts.normal_(0, 1)
+        _, attn = m.read(*m.patch_keys_values(torch.randn(2, 3, 56, 56)))
+    outside = ~model.tiling_cells(4, 4)
+    assert (attn[..., outside] == 0).all() and (attn[..., ~outside] > 0).all()
     with pytest.raises(ValueError, match="trait_prompts=5 must be a square number"):
         model.build_verifier(TINY_ARCH, 56, num_classes=5, deep_prompts=2, train_blocks=0, method="traits",
                              trait_prompts=5)
