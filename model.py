@@ -483,11 +483,12 @@ class TraitPromptVerifier(CosineVerifier):
     and the patches of cell k of a sqrt(K) x sqrt(K) grid, so the embedding keeps where each mark is (pooled over
     the whole face it did not, and twins told apart by marks at random places stayed at chance; a learned bias
     toward the cell lost to a pre-trained backbone's keys, which drew every prompt to the same few patches). Each
-    prompt's output, normalised, takes its cell's place in the embedding, weighted by the square root of a
-    learned importance (a softmax over the prompts): a pair's cosine is the importance-weighted sum of one cosine
-    per prompt, each computed from where that prompt looks on both faces. The training identities' class prompts,
-    one per trait prompt, are the margin loss's class centres. The loss and the pair score are arcface's; only the
-    embedding differs."""
+    prompt's output, weighted by the square root of a learned importance (a softmax over the prompts), takes its
+    cell's place in the embedding, which is normalised as a whole (normalising each part on its own learned
+    more slowly: README, stop 18). A pair's cosine is a sum of one term per prompt, its importance times the dot
+    product of its outputs on the two faces over the two embeddings' norms, each computed from where that prompt
+    looks on both faces. The training identities' class prompts, one per trait prompt, are the margin loss's class
+    centres. The loss and the pair score are arcface's; only the embedding differs."""
     method = "traits"
 
     def __init__(self, vit: ViT, num_classes, deep_prompts=4, train_blocks=0, trait_prompts=36, margin=0.3,
@@ -515,13 +516,13 @@ class TraitPromptVerifier(CosineVerifier):
                            cells=self.cells)
 
     def importance(self):
-        """(K,) each prompt's weight in a pair's cosine; they add up to 1."""
+        """(K,) each prompt's weight in the embedding; they add up to 1."""
         return self.importance_logits.float().softmax(0)
 
     def embed(self, out):
         """(B, K * D) unit embeddings from the trait outputs (B, K, D), prompt k's part k-th."""
-        parts = F.normalize(out.float(), dim=-1) * self.importance().sqrt()[:, None]
-        return parts.flatten(1)
+        parts = out.float() * self.importance().sqrt()[:, None]
+        return F.normalize(parts.flatten(1), dim=-1)
 
     def encode(self, images):
         return self.embed(self.read(*self.patch_keys_values(images))[0])

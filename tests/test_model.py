@@ -248,12 +248,15 @@ def test_trait_prompt_embedding_is_one_term_per_prompt_read_from_the_patches_onl
         emb = m.encode(x)
         out, attn = m.read(*m.patch_keys_values(x))
         torch.testing.assert_close(torch.cat([m.encode(x[i:i + 1]) for i in range(4)]), emb, atol=1e-5, rtol=0)
-    # the score is the importance-weighted sum of one cosine per prompt, of its own outputs on both faces
+    # the score is a sum of one term per prompt: its importance times the dot product of its own outputs on both
+    # faces, over the two embeddings' norms
     importance = m.importance()
     assert importance.sum().item() == pytest.approx(1) and importance.shape == (4,)
-    per_prompt = torch.nn.functional.cosine_similarity(out[0], out[1], dim=-1)  # (K,)
-    torch.testing.assert_close(m.score_pairs(emb, [0], [1])[0], (importance * per_prompt).sum(), atol=1e-5, rtol=0)
-    torch.testing.assert_close(emb.view(4, 4, -1).norm(dim=-1) ** 2, importance.expand(4, -1), atol=1e-5, rtol=0)
+    norms = (importance * out.pow(2).sum(-1)).sum(-1).sqrt()  # (B,)
+    per_prompt = importance * (out[0] * out[1]).sum(-1) / (norms[0] * norms[1])  # (K,)
+    torch.testing.assert_close(m.score_pairs(emb, [0], [1])[0], per_prompt.sum(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(emb.view(4, 4, -1), importance.sqrt()[:, None] * out / norms[:, None, None],
+                               atol=1e-5, rtol=0)
     # attention over the 16 patches and the prompt itself: nothing is left for CLS or the registers
     assert attn.shape == (4, m.vit.blocks[-1].attn.num_heads, 4, 16)
     assert (attn.sum(-1) <= 1 + 1e-5).all() and (attn.sum(-1) > 0).all()  # the rest is on the prompt itself
