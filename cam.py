@@ -163,9 +163,9 @@ def read_traits(model, image_a, image_b, device):
 
 
 def weighted_maps(weights, maps):
-    """(2, grid, grid): the prompts' maps on A and on B (2, K, grid, grid), weighted (K,) and summed. Weighted by
-    each prompt's share of 1 - score: where the faces differ, where the readings that set them apart were taken
-    (each map adds up to 1 - score, less what the prompts gave themselves)."""
+    """(2, grid, grid): the prompts' maps on A and on B (2, K, grid, grid), weighted (K,) and summed. By each
+    prompt's share of 1 - score it is where the faces differ (each map adds up to 1 - score, less what the prompts
+    gave themselves); by importance, where the score looks."""
     return (weights[None, :, None, None] * maps).sum(1)
 
 
