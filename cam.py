@@ -150,22 +150,22 @@ def figure(image_a, image_b, name_a, name_b, score, threshold, heads, maps, pane
 
 @torch.no_grad()
 def read_traits(model, image_a, image_b, device):
-    """The trait prompts on both faces: what was read (the patch keys and values, and both embeddings), the score,
-    how far apart each prompt's part of the two embeddings is (half its squared distance: the K of them add up to
-    1 - score) and each prompt's attention on A and on B averaged over heads, (2, K, grid, grid)."""
-    keys, values = model.patch_keys_values(data.normalize(torch.stack([image_a, image_b]).to(device)))
-    out, attn = model.read(keys, values)
-    emb = model.embed(out)
-    apart = 0.5 * ((emb[0] - emb[1]) ** 2).view(out.shape[1], -1).sum(-1).cpu().numpy()
+    """The trait prompts on both faces: what was read (the patch keys and final tokens, and both embeddings), the
+    score, each prompt's term of the score and of 1 - score (model.pair_terms; each set adds up to its whole) and
+    each prompt's attention on A and on B averaged over heads, (2, K, grid, grid)."""
+    keys, tokens = model.keys_and_tokens(data.normalize(torch.stack([image_a, image_b]).to(device)))
+    contributions, attn = model.read(keys, tokens)
+    emb = model.embed(contributions)
+    held, apart = (t.cpu().numpy() for t in model.pair_terms(contributions))
     grid = model.vit.grid
     maps = attn.float().mean(1).reshape(2, -1, grid, grid).cpu().numpy()
-    return (keys, values, emb), float(emb[0] @ emb[1]), apart, maps
+    return (keys, tokens, emb), float(emb[0] @ emb[1]), held, apart, maps
 
 
 def weighted_maps(weights, maps):
     """(2, grid, grid): the prompts' maps on A and on B (2, K, grid, grid), weighted (K,) and summed. By each
-    prompt's share of 1 - score it is where the faces differ (each map adds up to 1 - score, less what the prompts
-    gave themselves); by importance, where the score looks."""
+    prompt's share of 1 - score it is where the faces differ (a prompt whose difference runs against the pair's
+    has a negative share); by the size of each prompt's term of the score, where the score looks."""
     return (weights[None, :, None, None] * maps).sum(1)
 
 
@@ -207,7 +207,7 @@ def shown(model, wanted):
 def pair_figure(model, image_a, image_b, name_a, name_b, threshold, top, device):
     """(score, explanation figure) of two uint8 images; top: heads (promptcam) or trait prompts (traits) shown."""
     if model.method == "traits":
-        _, score, apart, maps = read_traits(model, image_a, image_b, device)
+        _, score, _, apart, maps = read_traits(model, image_a, image_b, device)
         return score, traits_figure(image_a, image_b, name_a, name_b, score, threshold, apart, maps, top)
     enc_a, enc_b = encode_pair(model, image_a, image_b, device)
     score, heads, maps = explain(model, enc_a, enc_b, top)
@@ -219,19 +219,19 @@ def evidence(model, image_a, image_b, device, top):
     sit on a trait the twins do not share; each face's patches in map order; and curves(order_a, order_b,
     insertion), the pair score as patches go (or come) in those orders on both faces at once.
     promptcam: self minus cross of the top heads; traits: where the faces differ (weighted_maps by share), and the
-    order of all prompts' attention weighted by their importance."""
+    order of all prompts' attention weighted by the size of their terms of the score."""
     if model.method == "traits":
-        (keys, values, whole), score, apart, maps = read_traits(model, image_a, image_b, device)
+        (keys, tokens, whole), score, held, apart, maps = read_traits(model, image_a, image_b, device)
         contrast_a, contrast_b = weighted_maps(apart, maps)
-        # the patches the score leans on most first: each prompt's map weighted by its importance in the score
-        leaned_on = weighted_maps(model.importance().detach().cpu().numpy(), maps)
+        # the patches the score leans on most first: each prompt's map weighted by the size of its term of the score
+        leaned_on = weighted_maps(np.abs(held), maps)
         order_a, order_b = (np.argsort(-m.ravel(), kind="stable") for m in leaned_on)
 
         @torch.no_grad()
         def traits_curves(oa, ob, insertion):
             # as promptcam's two directions: each face, masked, against the other one whole
-            masked_a = model.embed(model.read(keys[:1], values[:1], masks(oa, insertion).to(keys.device))[0])
-            masked_b = model.embed(model.read(keys[1:], values[1:], masks(ob, insertion).to(keys.device))[0])
+            masked_a = model.embed(model.read(keys[:1], tokens[:1], masks(oa, insertion).to(keys.device))[0])
+            masked_b = model.embed(model.read(keys[1:], tokens[1:], masks(ob, insertion).to(keys.device))[0])
             return ((masked_a @ whole[1] + masked_b @ whole[0]) / 2).cpu().numpy()
         return score, contrast_a, contrast_b, order_a, order_b, traits_curves
     enc_a, enc_b = encode_pair(model, image_a, image_b, device)

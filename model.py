@@ -291,7 +291,7 @@ def check_state_dict(expected, state, source):
         raise ValueError(f"{source}: checkpoint does not fit the model:\n  " + "\n  ".join(problems))
 
 
-def prompt_rows(vit, prompts, keys, values, first_patch, blurred_heads=None, keep_patches=None, cells=None):
+def prompt_rows(vit, prompts, keys, values, first_patch, blurred_heads=None, keep_patches=None):
     """M prompts through the last block as queries only, each attending to itself and to an image's tokens,
     never to another prompt: prompts (B, M, D), or (1, M, D) for the same M on every image, against keys and
     values (B, heads, N, 64). M queries against 1 + N keys, so the attention is formed explicitly (a fused kernel
@@ -301,20 +301,11 @@ def prompt_rows(vit, prompts, keys, values, first_patch, blurred_heads=None, kee
     patches. Returns the final-normed outputs (B, M, D) and the attention over the patches (B, heads, M, patches).
     blurred_heads (heads,) bool: those heads' patch attention made uniform with the same mass (Prompt-CAM's
     blur). keep_patches (B, patches) bool: the others are hidden; with the keys and values of one image,
-    (R, patches) gives R views of it without copying them. cells (M, patches) bool: each prompt sees only its own
-    patches (and itself), in every head.
+    (R, patches) gives R views of it without copying them.
     """
     block = vit.blocks[-1]
     q, k, v = block.attn.split_heads(block.norm1(prompts))
-    on_tokens = q @ keys.transpose(-1, -2)
-    on_itself = (q * k).sum(-1, keepdim=True).expand(*on_tokens.shape[:-1], 1)
-    logits = torch.cat([on_itself, on_tokens], -1) * q.shape[-1] ** -0.5
-    if cells is not None:
-        logits = logits.masked_fill(F.pad(~cells, (first_patch, 0)), float("-inf"))
-    if keep_patches is not None:
-        hidden = F.pad(~keep_patches, (first_patch, 0))[:, None, None, :]
-        logits = logits.masked_fill(hidden, float("-inf"))
-    attn = logits.softmax(-1)
+    attn = prompt_attention(q, k, keys, first_patch, keep_patches)
     if blurred_heads is not None:
         patch_attn = attn[..., first_patch:]
         uniform = patch_attn.sum(-1, keepdim=True).expand_as(patch_attn) / patch_attn.shape[-1]
@@ -323,6 +314,22 @@ def prompt_rows(vit, prompts, keys, values, first_patch, blurred_heads=None, kee
     out = attn[..., :1] * v + attn[..., 1:] @ values
     h = prompts + block.ls1(block.attn.proj(out.transpose(1, 2).flatten(2)))
     return vit.norm(block.mlp_residual(h)), attn[..., first_patch:]
+
+
+def prompt_attention(q, k, keys, first_patch, keep_patches=None, cells=None):
+    """Attention (B, heads, M, 1 + N) of M prompt queries q (B or 1, heads, M, 64) over themselves (their own keys
+    k) and N tokens' keys (B, heads, N, 64), of which those from first_patch on are patches. keep_patches
+    (B, patches) bool: the others are hidden. cells (M, patches) bool: each prompt sees only its own patches (and
+    itself), in every head."""
+    on_tokens = q @ keys.transpose(-1, -2)
+    on_itself = (q * k).sum(-1, keepdim=True).expand(*on_tokens.shape[:-1], 1)
+    logits = torch.cat([on_itself, on_tokens], -1) * q.shape[-1] ** -0.5
+    if cells is not None:
+        logits = logits.masked_fill(F.pad(~cells, (first_patch, 0)), float("-inf"))
+    if keep_patches is not None:
+        hidden = F.pad(~keep_patches, (first_patch, 0))[:, None, None, :]
+        logits = logits.masked_fill(hidden, float("-inf"))
+    return logits.softmax(-1)
 
 
 def with_deep_prompts(vit, deep_prompts, images):
@@ -479,16 +486,19 @@ class ArcFaceVerifier(CosineVerifier):
 
 class TraitPromptVerifier(CosineVerifier):
     """Verifier v2, the default (see the README's ablation table): K class-agnostic trait prompts read the
-    face's patches (never CLS or registers) in the last block. They tile the face: prompt k attends only to itself
-    and the patches of cell k of a sqrt(K) x sqrt(K) grid, so the embedding keeps where each mark is (pooled over
-    the whole face it did not, and twins told apart by marks at random places stayed at chance; a learned bias
-    toward the cell lost to a pre-trained backbone's keys, which drew every prompt to the same few patches). Each
-    prompt's output, weighted by the square root of a learned importance (a softmax over the prompts), takes its
-    cell's place in the embedding, which is normalised as a whole (normalising each part on its own learned
-    more slowly: README, stop 18). A pair's cosine is a sum of one term per prompt, its importance times the dot
-    product of its outputs on the two faces over the two embeddings' norms, each computed from where that prompt
-    looks on both faces. The training identities' class prompts, one per trait prompt, are the margin loss's class
-    centres. The loss and the pair score are arcface's; only the embedding differs."""
+    face's patches (never CLS or registers) with the last block's attention. They tile the face: prompt k attends
+    only to itself and the patches of cell k of a sqrt(K) x sqrt(K) grid, so the embedding keeps where each mark is
+    (pooled over the whole face it did not, and twins told apart by marks at random places stayed at chance; a
+    learned bias toward the cell lost to a pre-trained backbone's keys, which drew every prompt to the same few
+    patches). A prompt reads its attention's average of its cell's final patch tokens (attending to itself reads
+    nothing): read through the last block's values as a token of it, the prompts lost most of what the final
+    tokens hold (README, stop 19). What it read, reduced to FLAT_CHANNELS numbers by a map all prompts share and
+    projected by its own map, is its contribution; the embedding is the sum of the K contributions, normalised, so
+    the prompts' readings mix as the yardstick's cells do (kept apart, one part per prompt, v2 learned the twins
+    more slowly: README, stop 19). A pair's cosine and 1 - cosine still split exactly into one term per prompt
+    (pair_terms). The training identities' class prompts are the margin loss's class centres. The loss and the
+    pair score are arcface's; only the embedding differs: with one patch per cell and every prompt's attention on
+    its patch, it is the yardstick's less the projection's bias."""
     method = "traits"
 
     def __init__(self, vit: ViT, num_classes, deep_prompts=4, train_blocks=0, trait_prompts=36, margin=0.3,
@@ -498,38 +508,50 @@ class TraitPromptVerifier(CosineVerifier):
         self.deep_prompts = nn.Parameter(torch.randn(L - 1, deep_prompts, D) * 0.02)
         self.trait_prompts = nn.Parameter(torch.randn(trait_prompts, D) * 0.02)
         self.register_buffer("cells", tiling_cells(trait_prompts, vit.grid), persistent=False)
-        self.importance_logits = nn.Parameter(torch.zeros(trait_prompts))
-        self.class_prompts = nn.Parameter(torch.randn(num_classes, trait_prompts, D) * 0.02)
+        self.reduce = nn.Linear(D, FLAT_CHANNELS)
+        self.project = nn.Parameter(torch.randn(trait_prompts, FLAT_CHANNELS, D) / math.sqrt(trait_prompts * FLAT_CHANNELS))
+        self.class_prompts = nn.Parameter(torch.randn(num_classes, D) * 0.02)
 
-    def patch_keys_values(self, images):
-        """Blocks 1..L-1 once per image; what the trait prompts read: the last block's keys and values of the
-        patches, each (B, heads, patches, 64)."""
+    def keys_and_tokens(self, images):
+        """The whole ViT once per image, deep prompts in blocks 1..L-1. What the trait prompts read: the last
+        block's keys of the patches (where to look) and the final patch tokens split by head (what is there), each
+        (B, heads, patches, 64)."""
         x = with_deep_prompts(self.vit, self.deep_prompts, images)
         last = self.vit.blocks[-1]
-        _, keys, values = last.attn.split_heads(last.norm1(x[:, self.vit.num_prefix:]))
-        return keys, values
+        _, keys, _ = last.attn.split_heads(last.norm1(x[:, self.vit.num_prefix:]))
+        tokens = self.vit.norm(last(x))[:, self.vit.num_prefix:]
+        return keys, tokens.unflatten(-1, (keys.shape[1], -1)).transpose(1, 2)
 
-    def read(self, keys, values, keep_patches=None):
-        """Each trait prompt's output (B, K, D) and its attention over the patches (B, heads, K, patches);
-        keep_patches as in prompt_rows."""
-        return prompt_rows(self.vit, self.trait_prompts[None], keys, values, 1, keep_patches=keep_patches,
-                           cells=self.cells)
+    def read(self, keys, tokens, keep_patches=None):
+        """Each trait prompt's contribution to the embedding (B, K, D) and its attention over the patches
+        (B, heads, K, patches); keep_patches as in prompt_attention."""
+        block = self.vit.blocks[-1]
+        q, k, _ = block.attn.split_heads(block.norm1(self.trait_prompts[None]))
+        attn = prompt_attention(q, k, keys, 1, keep_patches, self.cells)[..., 1:]
+        read = self.reduce((attn @ tokens).transpose(1, 2).flatten(2))
+        return torch.einsum("bkc,kcd->bkd", read.float(), self.project.float()), attn
 
-    def importance(self):
-        """(K,) each prompt's weight in the embedding; they add up to 1."""
-        return self.importance_logits.float().softmax(0)
+    @staticmethod
+    def embed(contributions):
+        """(B, D) unit embeddings: the sum of the K contributions (B, K, D), normalised."""
+        return F.normalize(contributions.sum(1), dim=-1)
 
-    def embed(self, out):
-        """(B, K * D) unit embeddings from the trait outputs (B, K, D), prompt k's part k-th."""
-        parts = out.float() * self.importance().sqrt()[:, None]
-        return F.normalize(parts.flatten(1), dim=-1)
+    @staticmethod
+    def pair_terms(contributions):
+        """Each prompt's term of a pair's cosine and of 1 - cosine, (K,) each, from the pair's contributions
+        (2, K, D); each set adds up to its whole. With u the contributions over the norm of their sum, so that each
+        unit embedding is e = sum_k u_k: cos = sum_k (u_k^A . e_B + u_k^B . e_A) / 2, and
+        1 - cos = |e_A - e_B|^2 / 2 = sum_k (u_k^A - u_k^B) . (e_A - e_B) / 2."""
+        u = contributions.float() / contributions.float().sum(1, keepdim=True).norm(dim=-1, keepdim=True)
+        e = u.sum(1)
+        return (u[0] @ e[1] + u[1] @ e[0]) / 2, (u[0] - u[1]) @ (e[0] - e[1]) / 2
 
     def encode(self, images):
-        return self.embed(self.read(*self.patch_keys_values(images))[0])
+        return self.embed(self.read(*self.keys_and_tokens(images))[0])
 
     def forward(self, images):
         emb = self.encode(images)
-        return emb, emb @ self.embed(self.class_prompts).T
+        return emb, emb @ F.normalize(self.class_prompts.float(), dim=-1).T
 
 
 class PromptCamVerifier(Verifier):

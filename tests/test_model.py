@@ -4,6 +4,7 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import model
 from conftest import FIXTURES, TINY_ARCH
@@ -228,7 +229,7 @@ def test_trait_prompts_tile_the_face_each_reading_its_own_cell_only():
                              trait_prompts=4).eval()
     with torch.no_grad():
         m.trait_prompts.normal_(0, 1)
-        _, attn = m.read(*m.patch_keys_values(torch.randn(2, 3, 56, 56)))
+        _, attn = m.read(*m.keys_and_tokens(torch.randn(2, 3, 56, 56)))
     outside = ~model.tiling_cells(4, 4)
     assert (attn[..., outside] == 0).all() and (attn[..., ~outside] > 0).all()
     with pytest.raises(ValueError, match="trait_prompts=5 must be a square number"):
@@ -236,7 +237,7 @@ def test_trait_prompts_tile_the_face_each_reading_its_own_cell_only():
                              trait_prompts=5)
 
 
-def test_trait_prompt_embedding_is_one_term_per_prompt_read_from_the_patches_only(monkeypatch):
+def test_trait_prompt_embedding_is_one_term_per_prompt_read_from_its_own_cell():
     torch.manual_seed(0)
     m = model.build_verifier(TINY_ARCH, 56, num_classes=5, deep_prompts=2, train_blocks=0, method="traits",
                              trait_prompts=4).eval()
@@ -246,29 +247,31 @@ def test_trait_prompt_embedding_is_one_term_per_prompt_read_from_the_patches_onl
                 p.add_(torch.randn_like(p) * 0.2)
         x = torch.randn(4, 3, 56, 56)
         emb = m.encode(x)
-        out, attn = m.read(*m.patch_keys_values(x))
+        out, attn = m.read(*m.keys_and_tokens(x))
         torch.testing.assert_close(torch.cat([m.encode(x[i:i + 1]) for i in range(4)]), emb, atol=1e-5, rtol=0)
-    # the score is a sum of one term per prompt: its importance times the dot product of its own outputs on both
-    # faces, over the two embeddings' norms
-    importance = m.importance()
-    assert importance.sum().item() == pytest.approx(1) and importance.shape == (4,)
-    norms = (importance * out.pow(2).sum(-1)).sum(-1).sqrt()  # (B,)
-    per_prompt = importance * (out[0] * out[1]).sum(-1) / (norms[0] * norms[1])  # (K,)
-    torch.testing.assert_close(m.score_pairs(emb, [0], [1])[0], per_prompt.sum(), atol=1e-5, rtol=0)
-    torch.testing.assert_close(emb.view(4, 4, -1), importance.sqrt()[:, None] * out / norms[:, None, None],
-                               atol=1e-5, rtol=0)
+    # the embedding is the prompts' contributions summed and normalised; the cosine and 1 - cosine split exactly into
+    # one term per prompt
+    torch.testing.assert_close(emb, F.normalize(out.sum(1), dim=-1), atol=1e-6, rtol=0)
+    score = m.score_pairs(emb, [0], [1])[0]
+    held, apart = m.pair_terms(out[:2])
+    assert held.shape == apart.shape == (4,) and not torch.allclose(held, held[0].expand(4))
+    torch.testing.assert_close(held.sum(), score, atol=1e-5, rtol=0)
+    torch.testing.assert_close(apart.sum(), 1 - score, atol=1e-5, rtol=0)
     # attention over the 16 patches and the prompt itself: nothing is left for CLS or the registers
     assert attn.shape == (4, m.vit.blocks[-1].attn.num_heads, 4, 16)
     assert (attn.sum(-1) <= 1 + 1e-5).all() and (attn.sum(-1) > 0).all()  # the rest is on the prompt itself
     _, cos = m(x)
     assert cos.shape == (4, 5) and cos.abs().max() <= 1 + 1e-5
-    # read() itself, given a last-block input whose CLS and registers moved: nothing changes; a moved patch does
-    x_in = model.with_deep_prompts(m.vit, m.deep_prompts, x[:1])
-    n = m.vit.num_prefix
-    noise = torch.randn_like(x_in) * 3  # not a constant shift, which LayerNorm would remove
-    for moved, changes in ((torch.cat([x_in[:, :n] + noise[:, :n], x_in[:, n:]], 1), False),
-                           (torch.cat([x_in[:, :n], x_in[:, n:n + 1] + noise[:, n:n + 1], x_in[:, n + 1:]], 1), True)):
-        monkeypatch.setattr(model, "with_deep_prompts", lambda vit, prompts, images, moved=moved: moved)
-        with torch.no_grad():
-            rows, _ = m.read(*m.patch_keys_values(x[:1]))
-        assert (rows - out[:1]).abs().max().item() > 1e-3 if changes else torch.allclose(rows, out[:1], atol=1e-5)
+    torch.testing.assert_close(cos, emb @ F.normalize(m.class_prompts, dim=-1).T, atol=1e-5, rtol=0)
+    # a prompt reads its own cell and nothing else: a patch's key or final token moved changes the outputs of the
+    # prompts whose cell holds it, and of no other prompt
+    cells = model.tiling_cells(4, 4)
+    with torch.no_grad():
+        keys, tokens = m.keys_and_tokens(x[:1])
+        for patch in (0, 5, 15):
+            for moved in ("key", "token"):
+                k, t = keys.clone(), tokens.clone()
+                (k if moved == "key" else t)[..., patch, :] += torch.randn(64) * 3
+                rows, _ = m.read(k, t)
+                changed = (rows - out[:1]).abs().amax(-1)[0] > 1e-4
+                assert changed.tolist() == cells[:, patch].tolist(), (patch, moved)
