@@ -496,9 +496,10 @@ class TraitPromptVerifier(CosineVerifier):
     projected by its own map, is its contribution; the embedding is the sum of the K contributions, normalised, so
     the prompts' readings mix as the yardstick's cells do (kept apart, one part per prompt, v2 learned the twins
     more slowly: README, stop 19). A pair's cosine and 1 - cosine still split exactly into one term per prompt
-    (pair_terms). The training identities' class prompts are the margin loss's class centres. The loss and the
-    pair score are arcface's; only the embedding differs: with one patch per cell and every prompt's attention on
-    its patch, it is the yardstick's less the projection's bias."""
+    (pair_terms). The training identities' class prompts are the margin loss's class centres, free parameters:
+    injected into the last block as Prompt-CAM does, they lost on a pre-trained backbone (README, stop 19). The
+    loss and the pair score are arcface's; only the embedding differs: with one patch per cell and every prompt's
+    attention on its patch, it is the yardstick's less the projection's bias."""
     method = "traits"
 
     def __init__(self, vit: ViT, num_classes, deep_prompts=4, train_blocks=0, trait_prompts=36, margin=0.3,
@@ -509,7 +510,8 @@ class TraitPromptVerifier(CosineVerifier):
         self.trait_prompts = nn.Parameter(torch.randn(trait_prompts, D) * 0.02)
         self.register_buffer("cells", tiling_cells(trait_prompts, vit.grid), persistent=False)
         self.reduce = nn.Linear(D, FLAT_CHANNELS)
-        self.project = nn.Parameter(torch.randn(trait_prompts, FLAT_CHANNELS, D) / math.sqrt(trait_prompts * FLAT_CHANNELS))
+        self.project = nn.Parameter(torch.randn(trait_prompts, FLAT_CHANNELS, D)
+                                    / math.sqrt(trait_prompts * FLAT_CHANNELS))
         self.class_prompts = nn.Parameter(torch.randn(num_classes, D) * 0.02)
 
     def keys_and_tokens(self, images):
