@@ -57,10 +57,11 @@ class Attention(nn.Module):
         return self.qkv(x).view(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
 
     def forward(self, x):
-        B, N, D = x.shape
-        q, k, v = self.split_heads(x)
-        out = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(out.transpose(1, 2).reshape(B, N, D))
+        return self.attend(*self.split_heads(x))
+
+    def attend(self, q, k, v):
+        """Attention of q over k, v (each (B, heads, N, 64)) -> (B, N, D), projected."""
+        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
 
 
 class LayerScale(nn.Module):
@@ -444,12 +445,16 @@ class Verifier(nn.Module):
 
 class CosineVerifier(Verifier):
     """A unit embedding per image, trained with an additive angular margin over the training identities
-    (ArcFace); a pair's score is the cosine of its two embeddings. forward gives (embeddings, cosines to every
-    training identity's centre)."""
+    (ArcFace); a pair's score is the cosine of its two embeddings. A subclass gives encode(images) and its
+    class_centres (C, D); forward gives (embeddings, cosines to every training identity's centre)."""
 
     def __init__(self, vit: ViT, train_blocks, margin, scale):
         super().__init__(vit, train_blocks)
         self.margin, self.scale = margin, scale
+
+    def forward(self, images):
+        emb = self.encode(images)
+        return emb, emb @ F.normalize(self.class_centres.float(), dim=-1).T
 
     def loss_terms(self, outputs, labels):
         return {"class": arcface_loss(outputs[1], labels, self.margin, self.scale)}
@@ -478,10 +483,6 @@ class ArcFaceVerifier(CosineVerifier):
         """(B, D) unit embeddings; each image's depends on that image alone."""
         patches = self.vit(images)[:, self.vit.num_prefix:]
         return F.normalize(self.project(self.reduce(patches).flatten(1)).float(), dim=-1)
-
-    def forward(self, images):
-        emb = self.encode(images)
-        return emb, emb @ F.normalize(self.class_centres.float(), dim=-1).T
 
 
 class TraitPromptVerifier(CosineVerifier):
@@ -519,10 +520,10 @@ class TraitPromptVerifier(CosineVerifier):
         block's keys of the patches (where to look) and the final patch tokens split by head (what is there), each
         (B, heads, patches, 64)."""
         x = with_deep_prompts(self.vit, self.deep_prompts, images)
-        last = self.vit.blocks[-1]
-        _, keys, _ = last.attn.split_heads(last.norm1(x[:, self.vit.num_prefix:]))
-        tokens = self.vit.norm(last(x))[:, self.vit.num_prefix:]
-        return keys, tokens.unflatten(-1, (keys.shape[1], -1)).transpose(1, 2)
+        last, n = self.vit.blocks[-1], self.vit.num_prefix
+        q, k, v = last.attn.split_heads(last.norm1(x))  # the last block as Block.forward, its keys kept
+        tokens = self.vit.norm(last.mlp_residual(x + last.ls1(last.attn.attend(q, k, v))))[:, n:]
+        return k[:, :, n:], tokens.unflatten(-1, (k.shape[1], -1)).transpose(1, 2)
 
     def read(self, keys, tokens, keep_patches=None):
         """Each trait prompt's contribution to the embedding (B, K, D) and its attention over the patches
@@ -544,16 +545,18 @@ class TraitPromptVerifier(CosineVerifier):
         (2, K, D); each set adds up to its whole. With u the contributions over the norm of their sum, so that each
         unit embedding is e = sum_k u_k: cos = sum_k (u_k^A . e_B + u_k^B . e_A) / 2, and
         1 - cos = |e_A - e_B|^2 / 2 = sum_k (u_k^A - u_k^B) . (e_A - e_B) / 2."""
-        u = contributions.float() / contributions.float().sum(1, keepdim=True).norm(dim=-1, keepdim=True)
+        contributions = contributions.float()
+        u = contributions / contributions.sum(1, keepdim=True).norm(dim=-1, keepdim=True)
         e = u.sum(1)
         return (u[0] @ e[1] + u[1] @ e[0]) / 2, (u[0] - u[1]) @ (e[0] - e[1]) / 2
 
+    @property
+    def class_centres(self):
+        """The training identities' class prompts, free parameters (see the class docstring)."""
+        return self.class_prompts
+
     def encode(self, images):
         return self.embed(self.read(*self.keys_and_tokens(images))[0])
-
-    def forward(self, images):
-        emb = self.encode(images)
-        return emb, emb @ F.normalize(self.class_prompts.float(), dim=-1).T
 
 
 class PromptCamVerifier(Verifier):
