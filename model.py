@@ -498,8 +498,9 @@ class TraitPromptVerifier(CosineVerifier):
     the prompts' readings mix as the yardstick's cells do (kept apart, one part per prompt, v2 learned the twins
     more slowly: README, stop 19). A pair's cosine and 1 - cosine still split exactly into one term per prompt
     (pair_terms). The training identities' class prompts are the margin loss's class centres, free parameters:
-    injected into the last block as Prompt-CAM does, they lost on a pre-trained backbone (README, stop 19). The
-    loss and the pair score are arcface's; only the embedding differs: with one patch per cell and every prompt's
+    injected into the last block as Prompt-CAM does, they lost on a pre-trained backbone, and as a Prompt-CAM
+    training head beside the margin loss they did not learn through a frozen one (README, stops 19 and 20). The loss
+    and the pair score are arcface's; only the embedding differs: with one patch per cell and every prompt's
     attention on its patch, it is the yardstick's less the projection's bias."""
     method = "traits"
 
@@ -532,12 +533,13 @@ class TraitPromptVerifier(CosineVerifier):
         q, k, _ = block.attn.split_heads(block.norm1(self.trait_prompts[None]))
         attn = prompt_attention(q, k, keys, 1, keep_patches, self.cells)[..., 1:]
         read = self.reduce((attn @ tokens).transpose(1, 2).flatten(2))
-        return torch.einsum("bkc,kcd->bkd", read.float(), self.project.float()), attn
+        return torch.einsum("bkc,kcd->bkd", read, self.project), attn
 
     @staticmethod
     def embed(contributions):
-        """(B, D) unit embeddings: the sum of the K contributions (B, K, D), normalised."""
-        return F.normalize(contributions.sum(1), dim=-1)
+        """(B, D) fp32 unit embeddings: the sum of the K contributions (B, K, D), normalised. Summed in fp32, as the
+        yardstick's is normalised: under bf16 autocast the cosines of a test split fell on a few hundred values."""
+        return F.normalize(contributions.float().sum(1), dim=-1)
 
     @staticmethod
     def pair_terms(contributions):
