@@ -537,8 +537,9 @@ class TraitPromptVerifier(CosineVerifier):
 
     @staticmethod
     def embed(contributions):
-        """(B, D) fp32 unit embeddings: the sum of the K contributions (B, K, D), normalised. Summed in fp32, as the
-        yardstick's is normalised: under bf16 autocast the cosines of a test split fell on a few hundred values."""
+        """(B, D) fp32 unit embeddings: the sum of the K contributions (B, K, D), normalised. Summed and normalised
+        in fp32, as the yardstick's embedding is: under bf16 autocast a test split's cosines fell on a few hundred
+        values."""
         return F.normalize(contributions.float().sum(1), dim=-1)
 
     @staticmethod
