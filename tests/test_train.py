@@ -409,10 +409,9 @@ train.main(sys.argv[1:])
     assert len(lines) == 5, out[-2000:]
     per_epoch = [int(m) * 60 + int(s) for _, m, s, _, _ in lines]
     eta = [int(m) * 60 + int(s) for _, _, _, m, s in lines]
-    # times are printed rounded down, so each bound below allows the second each printed time may have lost
+    # times are printed rounded down to the second, so no bound below compares them more finely than that
     assert per_epoch[0] >= 6, per_epoch  # the sleep is counted in epoch 1
-    # after epoch 2, three are left: at epoch 2's pace, not at the mean that counts epoch 1, which is at least
-    # 3 * (per_epoch[0] + per_epoch[1]) // 2 as printed
+    # after epoch 2, three are left: at epoch 2's pace, below the least that a mean counting epoch 1 would print
     assert 3 * per_epoch[1] <= eta[1] <= 3 * (per_epoch[1] + 1), (per_epoch, eta)
     assert eta[1] < 3 * (per_epoch[0] + per_epoch[1]) // 2, (per_epoch, eta)
     assert eta[4] == 0
