@@ -17,6 +17,7 @@ import time
 import torch
 
 import data
+from errors import run_cli
 from model import Encoding, PromptCamVerifier, ViT, ViTConfig, load_vit
 
 
@@ -131,7 +132,7 @@ def ddp(args):
                       for name, x in (("two independent", pair), ("DDP", distributed))))
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
     s = sub.add_parser("scoring")
@@ -147,9 +148,9 @@ def main():
     g.add_argument("--cfg", default="configs/cpu_demo.yaml", help="a training config whose data exists")
     g.add_argument("--rounds", type=int, default=6)
     g.add_argument("--steps", type=int, default=60, help="timed steps per run")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     {"scoring": scoring, "data": data_loading, "ddp": ddp}[args.command](args)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

@@ -1,6 +1,6 @@
 """Prompt-CAM explanations: where on both faces the prompts found their evidence (promptcam and traits checkpoints).
 
-    python cam.py a.jpg b.jpg [--ckpt ckpt/best.pt] [--out pair.png]
+    python cam.py a.jpg b.jpg [--ckpt ckpt] [--out pair.png]   # a run folder (its best.pt) or a checkpoint
     python cam.py --pairs test --n 16 --out DIR              # a gallery of twin and genuine test pairs
     python cam.py --faithfulness --n 64                      # deletion/insertion against random orders
     python cam.py --trait-hits DATA/traits.json --n 64       # synthetic set: do contrast peaks hit the marks?
@@ -12,8 +12,8 @@ least is dropped first; the last ones left matter most.
 """
 import argparse
 import html
-import json
 import os
+import sys
 
 import numpy as np
 import torch
@@ -21,7 +21,8 @@ import torch
 import data
 import plots
 from evaluate import GENUINE, TWIN, protocol_pairs
-from model import METHOD_BEFORE_THE_KEY, read_training_checkpoint, verifier_from_checkpoint
+from errors import UserError, run_cli
+from model import METHOD_BEFORE_THE_KEY, checkpoint_of_run, read_training_checkpoint, verifier_from_checkpoint
 from tracking import Tracker, tracker_of_checkpoint
 
 
@@ -29,7 +30,7 @@ def load_model(ckpt_path, device):
     ckpt = read_training_checkpoint(ckpt_path)
     method = ckpt["model_args"].get("method", METHOD_BEFORE_THE_KEY)
     if method == "arcface":
-        raise SystemExit(f"{ckpt_path}: a method 'arcface' checkpoint has no prompts, so there are no prompt maps "
+        raise UserError(f"{ckpt_path}: a method 'arcface' checkpoint has no prompts, so there are no prompt maps "
                          f"to draw; cam.py explains traits and promptcam checkpoints (evaluate.py scores every method)")
     model = verifier_from_checkpoint(ckpt, ckpt_path, ckpt["config"]["weights_dir"] or None)
     return model.to(device).eval(), ckpt
@@ -40,9 +41,11 @@ def read_image(path, size):
     try:
         return data.load_image(path, size)
     except FileNotFoundError:
-        raise SystemExit(f"{path}: no such image file") from None
+        raise UserError(f"{path}: no such image file") from None
+    except UserError:
+        raise
     except Exception as e:
-        raise SystemExit(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
+        raise UserError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
 
 
 @torch.no_grad()
@@ -262,7 +265,6 @@ def test_images(ckpt, args):
 
 def gallery(model, ckpt, args, device, tracker):
     split, images = test_images(ckpt, args)
-    os.makedirs(args.out, exist_ok=True)
     entries = []
     for i, (a, b, kind) in enumerate(pick_pairs(split, args.n)):
         score, fig = pair_figure(model, images[a], images[b], split.paths[a], split.paths[b], ckpt["threshold"],
@@ -336,8 +338,10 @@ def faithfulness(model, ckpt, args, device, n_random=5):
 
 def trait_hits(model, ckpt, args, device):
     """Synthetic twins differ only in known marks: how often does a contrast map's peak patch hold one?"""
-    with open(args.trait_hits) as f:
-        marks = json.load(f)["marks"]
+    traits = data.read_json(args.trait_hits, "traits")
+    if not isinstance(traits, dict) or "marks" not in traits:
+        raise UserError(f"{args.trait_hits}: no 'marks' in it; give the traits.json that `data.py synth` wrote")
+    marks = traits["marks"]
     split, images = test_images(ckpt, args)
     size = ckpt["config"]["img_size"]
     grid = model.vit.grid
@@ -374,7 +378,7 @@ def patches_with_marks(image_marks, saved_side, size, grid):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("images", nargs="*", help="two face images, A and B")
-    ap.add_argument("--ckpt", default="ckpt/best.pt")
+    ap.add_argument("--ckpt", default="ckpt", help="a run folder (its best.pt, else last.pt) or a checkpoint file")
     ap.add_argument("--out", help="figure (pair) or folder (gallery); default pair.png / cam_gallery")
     ap.add_argument("--heads", type=int, default=3,
                     help="how many top-ranked heads (promptcam) or most differing trait prompts (traits) to show")
@@ -394,12 +398,17 @@ def main(argv=None):
         ap.error("give two images, or one of --pairs, --faithfulness, --trait-hits")
     if args.tracker and args.images:
         ap.error("--tracker logs --pairs, --faithfulness or --trait-hits, not a single pair")
+    args.out = args.out or ("cam_gallery" if args.pairs else "pair.png")
+    if args.pairs:
+        data.make_folder(args.out, "--out")
+    elif args.images:
+        data.make_folder(os.path.dirname(os.path.abspath(args.out)), "--out")
     device = torch.device(args.device)
+    args.ckpt = checkpoint_of_run(args.ckpt)
     model, ckpt = load_model(args.ckpt, device)
     tracker = tracker_of_checkpoint(ckpt, args.ckpt) if args.tracker else Tracker()
     args.heads = shown(model, args.heads)
     if args.pairs:
-        args.out = args.out or "cam_gallery"
         gallery(model, ckpt, args, device, tracker)
     elif args.faithfulness:
         summary = faithfulness(model, ckpt, args, device)
@@ -415,10 +424,9 @@ def main(argv=None):
     score, fig = pair_figure(model, image_a, image_b, *args.images, threshold, args.heads, device)
     verdict = "no threshold in checkpoint" if threshold is None else ("same" if score >= threshold else "different")
     print(f"score {score:+.4f}  threshold {'n/a' if threshold is None else f'{threshold:+.4f}'}  verdict: {verdict}")
-    out = args.out or "pair.png"
-    fig.save(out)
-    print(f"wrote {out}")
+    fig.save(args.out)
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

@@ -5,11 +5,13 @@ and a synthetic twin data set in the user's exact format.
 """
 import argparse
 import contextlib
+import ctypes
 import hashlib
 import json
 import math
 import os
 import random
+import signal
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -17,7 +19,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageDraw, ImageFilter, ImageOps
+
+from errors import UserError, run_cli
 
 from model import IMAGENET_MEAN, IMAGENET_STD
 from progress import Progress
@@ -25,7 +29,7 @@ from progress import Progress
 CACHE_VERSION = 1  # bump when decoding changes, so old caches are rebuilt
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Bad input data; the message lists every problem found."""
 
     def __init__(self, problems, what="data"):
@@ -140,8 +144,13 @@ def load_split(info_path, pairs_path, path_remap=""):
         for p in info[pid]:
             paths.append(remap_path(p, path_remap))
             person.append(index[pid])
-    problems += [f"{p}: image file not found (id {ids[person[i]]})" for i, p in enumerate(paths)
-                 if not os.path.isfile(p)]
+    missing = [(p, ids[person[i]]) for i, p in enumerate(paths) if not os.path.isfile(p)]
+    if len(missing) > 1:  # most likely the data lives elsewhere on this machine: say which line fixes that
+        prefix = os.path.commonpath([p for p, _ in missing])
+        if prefix.strip(os.sep):
+            problems.append(f"{len(missing)} images under {prefix} are missing; if the data set is elsewhere on "
+                            f"this machine, add to the config: path_remap: {prefix}=/where/it/is/now")
+    problems += [f"{p}: image file not found (id {pid})" for p, pid in missing]
     if problems:
         raise DataError(problems, f"data in {info_path} / {pairs_path}")
     return Split(ids=ids, paths=paths, person=torch.tensor(person), families=twin_families(len(ids), twin_pairs))
@@ -172,7 +181,7 @@ def hold_out_families(split, n_val, seed):
         return split, None
     twin_families = [i for i, f in enumerate(split.families) if len(f) > 1]
     if n_val >= len(twin_families):
-        raise ValueError(f"val_families={n_val} leaves no twin family for training ({len(twin_families)} in all)")
+        raise UserError(f"val_families={n_val} leaves no twin family for training ({len(twin_families)} in all)")
     val = sorted(random.Random(seed).sample(twin_families, n_val))
     train = [i for i in range(len(split.families)) if i not in set(val)]
     return split.subset(train), split.subset(val)
@@ -185,14 +194,37 @@ def load_image(path, size):
     return torch.from_numpy(decode_rgb(path, size)).permute(2, 0, 1)
 
 
+def min_side(size):
+    """The fewest pixels a side that can hold a face at a model input of size px: no more than 4x upsampling."""
+    return max(16, size // 4)
+
+
 def decode_rgb(path, size):
     """The decoding behind load_image, as a (size, size, 3) uint8 array."""
     with Image.open(path) as im:
-        im = im.convert("RGB")
-        w, h = im.size
-        side = min(w, h)
-        im = im.crop(((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side))
-        return np.asarray(im.resize((size, size), Image.BICUBIC)).copy()
+        im = as_rgb(ImageOps.exif_transpose(im))
+    w, h = im.size
+    side = min(w, h)
+    if side < min_side(size):
+        raise UserError(f"{path}: {w}x{h} px is too small to hold a face at the model's {size}-px input (at least "
+                        f"{min_side(size)} px a side)")
+    im = im.crop(((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side))
+    return np.asarray(im.resize((size, size), Image.BICUBIC)).copy()
+
+
+def as_rgb(im):
+    """The picture an image shows, as 8-bit RGB: 16-bit, 32-bit and float grey scaled to 8 bits (Pillow's own
+    conversion clips them), transparency laid over white."""
+    if im.mode in ("I", "F") or im.mode.startswith("I;16"):
+        x = np.asarray(im, dtype=np.float64)
+        peak = float(x.max(initial=0))
+        top = (65535 if im.mode.startswith("I;16") else 1 if im.mode == "F" and peak <= 1 else
+               255 if peak <= 255 else 65535 if peak <= 65535 else peak)
+        im = Image.fromarray((x.clip(0, None) * (255 / top)).round().clip(0, 255).astype(np.uint8), "L")
+    if im.mode in ("LA", "PA", "RGBA", "La", "RGBa") or "transparency" in im.info:
+        white = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, im.convert("RGBA")).convert("RGB")
+    return im.convert("RGB")
 
 
 def image_side(path):
@@ -206,8 +238,25 @@ def _decode(args):
     path, size = args
     try:
         return decode_rgb(path, size), None
+    except UserError as e:
+        return None, str(e)
     except Exception as e:  # collected, so every unreadable file is reported at once
         return None, f"{path}: cannot read image ({type(e).__name__}: {e})"
+
+
+def end_with_parent(parent):
+    """Worker initializer: a worker dies with the process that started it, however that one dies (Linux), instead of
+    decoding on alone."""
+    if sys.platform.startswith("linux"):
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before the signal was asked for
+        os._exit(1)
+
+
+def worker_pool():
+    """Every CPU core, each worker ending with this process."""
+    return ProcessPoolExecutor(max_workers=os.cpu_count(), initializer=end_with_parent, initargs=(os.getpid(),))
 
 
 def cache_file(paths, size, cache_dir):
@@ -235,7 +284,7 @@ def build_cache(paths, size, cache_dir, verbose=True):
     images = torch.empty(len(paths), 3, size, size, dtype=torch.uint8)
     problems = []
     bar = Progress(len(paths), f"decoding {len(paths)} images at {size}px", enabled=verbose)
-    with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
+    with worker_pool() as pool:
         for i, (img, err) in enumerate(pool.map(_decode, [(p, size) for p in paths], chunksize=32)):
             if err:
                 problems.append(err)
@@ -244,27 +293,50 @@ def build_cache(paths, size, cache_dir, verbose=True):
             bar.update()
     if problems:
         raise DataError(problems, "images")
-    os.makedirs(cache_dir, exist_ok=True)
     save_atomically({"paths": list(paths), "size": size, "images": images}, path)
     return images
 
 
-def save_atomically(obj, path):
+def save_atomically(obj, path, keep_previous=None):
     """torch.save to a temporary file, fsync, then rename: a failed save (a full disk) leaves the previous
-    file intact and no temporary behind. The temporary is per process: a training run and an evaluation
-    may build the same cache at once."""
+    file intact and no temporary behind. keep_previous: where the file it replaces goes, renamed, not copied. The
+    temporary is per process: a training run and an evaluation may build the same cache at once."""
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(tmp, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        if keep_previous and os.path.exists(path):
+            os.replace(path, keep_previous)
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:
         with contextlib.suppress(OSError):
             os.remove(tmp)
         kept = f"; the previous {os.path.basename(path)} is intact" if os.path.exists(path) else ""
-        raise SystemExit(f"could not save {path} ({type(e).__name__}: {e}){kept}") from None
+        raise UserError(f"could not save {path} ({type(e).__name__}: {e}){kept}") from None
+
+
+def unwritable(folder, key):
+    """Why `folder` (a config key's or a flag's) could not be created or written to, or None; nothing is created."""
+    probe = os.path.abspath(folder)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        return f"{key}: {folder} cannot be a folder: {probe} is a file"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"{key}: {folder} is not writable ({probe} is not)"
+    return None
+
+
+def make_folder(folder, what):
+    """Create a folder an entry point will write to, before its work starts, or say why it cannot be."""
+    problem = unwritable(folder, what)
+    if problem:
+        raise UserError(problem)
+    os.makedirs(folder, exist_ok=True)
+    return folder
 
 
 # ---------------------------------------------------------------- twin-family batches
@@ -541,7 +613,7 @@ def synth(out_dir, shape="demo", size=112, seed=0, structure_file=None, traits="
             jobs.append((out_dir, pid, images[pid], *face_of[pid], int(rng.integers(2**31)), size, traits))
         files[split] = ({pid: [os.path.abspath(os.path.join(out_dir, "images", pid, n)) for n in images[pid]]
                          for pid in ids}, pairs)
-    with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
+    with worker_pool() as pool:
         for marks in pool.map(_synth_person, jobs, chunksize=4):
             all_marks.update(marks)
     for split, (info, pairs) in files.items():
@@ -569,8 +641,9 @@ def main(argv=None):
                         "several kinds at random places, varied pose, light and background")
     s.add_argument("--structure", help="the real split's shape (default: tests/fixtures/nd_twin_split_structure.json)")
     args = ap.parse_args(argv)
+    make_folder(args.out, "--out")
     synth(args.out, args.shape, args.size, args.seed, args.structure, args.traits)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -1,7 +1,7 @@
 """The exhaustive, deterministic twin protocol.
 
-    python evaluate.py --ckpt RUN/best.pt --out DIR [--all-impostors]
-    python evaluate.py --ckpt RUN/best.pt --out DIR --baseline cls   # frozen CLS cosine, no prompts
+    python evaluate.py [--ckpt ckpt] [--out eval] [--all-impostors]   # a run folder (its best.pt) or a checkpoint
+    python evaluate.py --ckpt ckpt --out eval_cls --baseline cls     # frozen CLS cosine, no prompts
 
 Every test image is encoded once; every genuine pair and every twin-impostor pair (and, with
 --all-impostors, every cross-person pair) is scored from the cache. The threshold comes from the
@@ -12,6 +12,7 @@ import argparse
 import csv
 import json
 import os
+import sys
 import time
 
 import numpy as np
@@ -19,7 +20,8 @@ import torch
 
 import data
 import plots
-from model import Encoding, load_vit, read_training_checkpoint, verifier_from_checkpoint
+from errors import run_cli
+from model import Encoding, checkpoint_of_run, load_vit, read_training_checkpoint, verifier_from_checkpoint
 from tracking import tracker_of_checkpoint
 
 GENUINE, TWIN, OTHER = 0, 1, 2
@@ -245,8 +247,8 @@ def flat_metrics(result, prefix):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--ckpt", required=True, help="a training checkpoint (best.pt or last.pt)")
-    ap.add_argument("--out", required=True, help="folder for metrics.json, scores.csv, roc.png")
+    ap.add_argument("--ckpt", default="ckpt", help="a run folder (its best.pt, else last.pt) or a checkpoint file")
+    ap.add_argument("--out", default="eval", help="folder for metrics.json, scores.csv, roc.png")
     ap.add_argument("--test-info", help="default: test_info from the checkpoint's config")
     ap.add_argument("--test-pairs", help="default: test_pairs from the checkpoint's config")
     ap.add_argument("--path-remap", help="OLD=NEW for image paths; default: the checkpoint's path_remap")
@@ -259,7 +261,9 @@ def main(argv=None):
                     help="also log the metrics and roc.png to the training run (the checkpoint's tracker and run id)")
     args = ap.parse_args(argv)
 
+    args.ckpt = checkpoint_of_run(args.ckpt)
     ckpt = read_training_checkpoint(args.ckpt)
+    data.make_folder(args.out, "--out")
     tracker = tracker_of_checkpoint(ckpt, args.ckpt) if args.tracker else None
     cfg = ckpt["config"]
     device = torch.device(args.device)
@@ -289,7 +293,6 @@ def main(argv=None):
     t0 = time.perf_counter()
     result = report(scores, kind, fam_a, fam_b, len(split.families), threshold, args.bootstrap)
     t_metrics = time.perf_counter() - t0
-    os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "metrics.json"), "w") as f:
         json.dump(result, f, indent=1, sort_keys=True)
     write_scores(os.path.join(args.out, "scores.csv"), split, a, b, kind, scores)
@@ -311,4 +314,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

@@ -1,14 +1,9 @@
-"""A hand-written DINO/DINOv2 ViT, the open-set Prompt-CAM twin verifier (see ../shared/design.md), verifier v2
-(trait prompts whose outputs form the embedding) and the ArcFace embedding both are measured against.
+"""A hand-written DINO/DINOv2 ViT and the twin verifiers built on it.
 
-ViT: patch embedding, CLS token (+ optional registers), learned positional embedding resampled once to
-the training size, pre-norm blocks with optional LayerScale, final LayerNorm. It loads the official
-checkpoints strictly and reads its architecture from them.
-
-Verifier: the frozen ViT with class-agnostic deep prompts in blocks 1..L-1 and, in the last block,
-identity prompts scored by one shared vector w: s(p; x) = w . LN(block_L([p; tokens(x)])_p).
-Training identities own learned prompts; a generator makes a prompt p(x) for any face, so the pair
-score s(A, B) = (s(p(A); B) + s(p(B); A)) / 2 needs no identity at test time.
+ViT: patch embedding, CLS token (+ optional registers), learned positional embedding resampled once to the training
+size, pre-norm blocks with optional LayerScale, final LayerNorm; it loads the official checkpoints strictly and reads
+its architecture from them. Verifiers: `traits` (trait prompts tiling the face; their contributions form the
+embedding), `promptcam` (Prompt-CAM's identity prompts scored by a shared vector) and `arcface` (the yardstick).
 """
 import hashlib
 import math
@@ -18,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from errors import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -40,6 +37,9 @@ UNUSED_CHECKPOINT_KEYS = {"mask_token"}
 # Backbones with no pre-trained weights, trained whole from a fixed initialisation (the CPU demo).
 SCRATCH_ARCHS = {"scratch_vit_tiny14": dict(embed_dim=128, depth=3, patch_size=14),
                  "scratch_vit_tiny14_conv": dict(embed_dim=128, depth=3, patch_size=14, conv_stem=True)}
+# The patch size of each backbone known by name (a checkpoint file's is read from it).
+ARCH_PATCH = {**{name: 16 if name.startswith("dino_") else 14 for name in OFFICIAL_URLS},
+              **{name: shape["patch_size"] for name, shape in SCRATCH_ARCHS.items()}}
 STEM_CHANNELS, STEM_STRIDE = 32, 2
 FLAT_CHANNELS = 32  # arcface: numbers per patch token in its flattened grid (the head stays small at 448 px)
 
@@ -213,20 +213,20 @@ def read_checkpoint(source, cache_dir=None):
             state = torch.hub.load_state_dict_from_url(url, model_dir=model_dir, map_location="cpu",
                                                        weights_only=True)
         except Exception as e:
-            raise RuntimeError(f"could not download {url} ({e}); on an offline machine download it "
-                               f"elsewhere and pass the local file path as `arch`") from e
+            raise UserError(f"could not download {url} ({e}); on an offline machine download it elsewhere and put "
+                            f"it in weights_dir, or give its path as `arch`") from e
     elif os.path.isfile(source):
         try:
             state = torch.load(source, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise ValueError(f"{source}: not a readable PyTorch checkpoint ({e})") from e
+            raise UserError(f"{source}: not a readable PyTorch checkpoint ({e})") from e
     else:
-        raise ValueError(f"unknown backbone {source!r}: not a file, a URL or one of "
+        raise UserError(f"unknown backbone {source!r}: not a file, a URL or one of "
                          f"{sorted(OFFICIAL_URLS) + sorted(SCRATCH_ARCHS)}")
     if isinstance(state, dict) and "model" in state and "cls_token" not in state:
         state = state["model"]
     if not isinstance(state, dict) or "cls_token" not in state:
-        raise ValueError(f"{source}: not a DINO/DINOv2 ViT checkpoint (no `cls_token` key)")
+        raise UserError(f"{source}: not a DINO/DINOv2 ViT checkpoint (no `cls_token` key)")
     return state
 
 
@@ -243,9 +243,9 @@ def load_vit(source, img_size, cache_dir=None):
         depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
         native_grid = math.isqrt(state["pos_embed"].shape[1] - 1)
     except (KeyError, ValueError, AttributeError) as e:
-        raise ValueError(f"{source}: checkpoint is missing a ViT key or has a malformed one ({e!r})") from e
+        raise UserError(f"{source}: checkpoint is missing a ViT key or has a malformed one ({e!r})") from e
     if native_grid ** 2 + 1 != state["pos_embed"].shape[1]:
-        raise ValueError(f"{source}: pos_embed holds {state['pos_embed'].shape[1]} positions, not CLS + a square grid")
+        raise UserError(f"{source}: pos_embed holds {state['pos_embed'].shape[1]} positions, not CLS + a square grid")
     registers = state["register_tokens"].shape[1] if "register_tokens" in state else 0
     family = "dino" if "mask_token" not in state else ("dinov2_reg" if registers else "dinov2")
     vit = ViT(vit_config(source, img_size, embed_dim=D, depth=depth, patch_size=patch, num_registers=registers,
@@ -262,7 +262,7 @@ def load_vit(source, img_size, cache_dir=None):
 
 def vit_config(source, img_size, **shape):
     if img_size % shape["patch_size"]:
-        raise ValueError(f"img_size {img_size} is not a multiple of the patch size {shape['patch_size']} of {source}")
+        raise UserError(f"img_size {img_size} is not a multiple of the patch size {shape['patch_size']} of {source}")
     return ViTConfig(img_size=img_size, **shape)
 
 
@@ -289,7 +289,7 @@ def check_state_dict(expected, state, source):
     problems += [f"{k}: shape {tuple(state[k].shape)}, expected {tuple(v.shape)}"
                  for k, v in expected.items() if k in state and state[k].shape != v.shape]
     if problems:
-        raise ValueError(f"{source}: checkpoint does not fit the model:\n  " + "\n  ".join(problems))
+        raise UserError(f"{source}: checkpoint does not fit the model:\n  " + "\n  ".join(problems))
 
 
 def prompt_rows(vit, prompts, keys, values, first_patch, blurred_heads=None, keep_patches=None):
@@ -351,7 +351,10 @@ def tiling_cells(num_prompts, grid):
     that g does not divide differ by a patch)."""
     g = math.isqrt(num_prompts)
     if g * g != num_prompts:
-        raise ValueError(f"trait_prompts={num_prompts} must be a square number: the prompts tile the face g x g")
+        raise UserError(f"trait_prompts={num_prompts} must be a square number: the prompts tile the face g x g")
+    if g > grid:
+        raise UserError(f"trait_prompts={num_prompts} tile the face {g} x {g}, but the patch grid is {grid} x {grid}: "
+                        f"some prompts would have no patch to read (use at most {grid * grid})")
     cell_of = torch.arange(grid) * g // grid  # the cell row (column) of each patch row (column)
     cell = (cell_of[:, None] * g + cell_of[None, :]).flatten()
     return cell[None, :] == torch.arange(num_prompts)[:, None]
@@ -407,7 +410,7 @@ def freeze_backbone(vit, train_blocks):
     or untrained backbones) when train_blocks is its depth."""
     L = vit.cfg.depth
     if not 0 <= train_blocks <= L:
-        raise ValueError(f"train_blocks={train_blocks} must lie in 0..{L}")
+        raise UserError(f"train_blocks={train_blocks} must lie in 0..{L}")
     vit.requires_grad_(train_blocks == L)
     for block in vit.blocks[L - train_blocks:] if train_blocks else []:
         block.requires_grad_(True)
@@ -659,7 +662,7 @@ def build_verifier(arch, img_size, num_classes, deep_prompts, train_blocks, meth
     """The verifier a config describes; arcface reads no prompts, promptcam no margin, scale or trait prompts."""
     vit = load_vit(arch, img_size, weights_dir)
     if vit.family == "scratch" and train_blocks != vit.cfg.depth:
-        raise ValueError(f"{arch} has no pre-trained weights, so it trains whole: set train_blocks to its depth "
+        raise UserError(f"{arch} has no pre-trained weights, so it trains whole: set train_blocks to its depth "
                          f"{vit.cfg.depth} (got {train_blocks})")
     if method == "arcface":
         return ArcFaceVerifier(vit, num_classes, train_blocks, margin, scale)
@@ -681,28 +684,52 @@ def official_backbone_state(vit):
     return state
 
 
+# How a file that is not a checkpoint starts, so a mistaken --resume or --ckpt says what it was given.
+FILE_KINDS = {b"\xff\xd8": "a JPEG image", b"\x89PNG": "a PNG image", b"{": "a JSON file", b"[": "a JSON file",
+              b"#": "a text file"}
+
+
 def read_training_checkpoint(path):
-    """A checkpoint train.py wrote, or a SystemExit that names the file and what is wrong."""
+    """A checkpoint train.py wrote, or a UserError that names the file and what is wrong."""
+    if os.path.isdir(path):
+        raise UserError(f"{path}: a folder, not a checkpoint file")
     try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+        if not head:
+            raise UserError(f"{path}: an empty file, not a checkpoint (a save that never finished?)")
+        if not head.startswith(b"PK"):  # torch.save writes a zip archive
+            kind = next((k for magic, k in FILE_KINDS.items() if head.startswith(magic)), "not a PyTorch file")
+            raise UserError(f"{path}: not a checkpoint ({kind})")
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise SystemExit(f"{path}: no such checkpoint") from None
+        raise UserError(f"{path}: no such checkpoint") from None
+    except UserError:
+        raise
     except Exception as e:
-        raise SystemExit(f"{path}: cannot read checkpoint ({type(e).__name__}: {e})") from None
+        raise UserError(f"{path}: cannot read checkpoint ({type(e).__name__}: {e})") from None
     if not isinstance(ckpt, dict) or not {"config", "model", "model_args"} <= set(ckpt):
-        raise SystemExit(f"{path}: not a training checkpoint of this project (no model in it)")
+        raise UserError(f"{path}: not a training checkpoint of this project (no model in it)")
     return ckpt
+
+
+def checkpoint_of_run(path):
+    """A checkpoint file, or a run folder's best.pt (else its last.pt), saying which was taken."""
+    if not os.path.isdir(path):
+        return path
+    for name in ("best.pt", "last.pt"):
+        if os.path.isfile(os.path.join(path, name)):
+            print(f"using {os.path.join(path, name)}", flush=True)
+            return os.path.join(path, name)
+    raise UserError(f"{path}: a folder with neither best.pt nor last.pt in it (train.py writes them to its out_dir)")
 
 
 def verifier_from_checkpoint(ckpt, source, weights_dir=None):
     """Rebuild the verifier a training checkpoint describes (backbone from `arch`, then its trainable weights),
-    or a SystemExit that names the checkpoint and what does not match."""
-    try:
-        model = build_verifier(**ckpt["model_args"], weights_dir=weights_dir)
-        if model.vit.fingerprint != ckpt["backbone_fingerprint"]:
-            raise ValueError(f"{source}: was trained on other backbone weights than {ckpt['model_args']['arch']} "
-                             f"holds now (that file was replaced after training)")
-        model.load_trainable_state(ckpt["model"], source)
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
+    or a UserError that names the checkpoint and what does not match."""
+    model = build_verifier(**ckpt["model_args"], weights_dir=weights_dir)
+    if model.vit.fingerprint != ckpt["backbone_fingerprint"]:
+        raise UserError(f"{source}: was trained on other backbone weights than {ckpt['model_args']['arch']} "
+                        f"holds now (that file was replaced after training)")
+    model.load_trainable_state(ckpt["model"], source)
     return model

@@ -7,6 +7,8 @@ import os
 import time
 import warnings
 
+from errors import UserError
+
 
 class Tracker:
     """No tracking; the interface every tracker has."""
@@ -136,7 +138,7 @@ class Guarded(Tracker):
 def tracker_of_checkpoint(ckpt, path):
     """The tracker of the run that wrote a checkpoint, continuing that run (evaluate.py and cam.py --tracker)."""
     if ckpt["config"]["tracker"] == "none" or not ckpt.get("tracker_run_id"):
-        raise SystemExit(f"{path}: its run was not tracked (tracker none), so --tracker has no run to log to")
+        raise UserError(f"{path}: its run was not tracked (tracker none), so --tracker has no run to log to")
     return make_tracker(ckpt["config"], ckpt["tracker_run_id"])
 
 

@@ -1,24 +1,27 @@
-"""Train a twin verifier: Prompt-CAM (method promptcam), the ArcFace yardstick (arcface) or verifier v2 (traits).
+"""Train a twin verifier: trait prompts (traits, the default), Prompt-CAM's identity prompts (promptcam) or the
+ArcFace yardstick (arcface).
 
     python train.py --cfg configs/cpu_demo.yaml
     python train.py --cfg configs/cpu_demo.yaml --cfg configs/synth_random.yaml   # later files override earlier
     torchrun --nproc_per_node 2 train.py --cfg configs/t4x2.yaml
-    python train.py --resume ckpt/last.pt          # or --resume auto: the newest last.pt under out_dir
+    python train.py --resume ckpt/last.pt          # with any number of processes
+    python train.py --cfg FILE --resume auto       # this run's newest checkpoint, or a fresh start
     python train.py --cfg FILE --benchmark [STEPS] # timed steps (20): images/s, phase shares, peak memory
 
-Every config key can be overridden as `--key value`. Each epoch writes out_dir/last.pt, and best.pt
-when the validation EER improves, atomically; a resumed run continues exactly where it stopped.
+Every config key can be overridden as `--key value`. Each epoch writes out_dir/last.pt (the one before it kept as
+previous.pt), and best.pt when the validation EER improves, atomically.
 """
 import argparse
 import gc
-import glob
 import math
 import os
 import re
 import statistics
 import sys
 import time
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
@@ -27,7 +30,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import cam
 import data
 import evaluate
-from model import METHOD_BEFORE_THE_KEY, METHODS, build_verifier, official_backbone_state, read_training_checkpoint
+from errors import UserError, run_cli
+from model import (ARCH_PATCH, METHOD_BEFORE_THE_KEY, METHODS, build_verifier, official_backbone_state,
+                   read_training_checkpoint)
 from progress import Progress, format_seconds
 from tracking import make_tracker
 
@@ -35,7 +40,7 @@ DEFAULTS = {
     # data: the user's info files; path_remap 'OLD=NEW' rewrites paths made on another machine
     "train_info": "", "train_pairs": "", "test_info": "", "test_pairs": "", "path_remap": "",
     "cache_dir": "cache", "cache_device": "auto",  # auto: on the GPU when it takes under a quarter of it
-    # model: traits (verifier v2), promptcam (v1) or arcface, the conventional yardstick (no prompts, no maps)
+    # model: traits, promptcam or arcface, the conventional yardstick (no prompts, no maps)
     "method": "traits", "arch": "dinov2_vits14", "weights_dir": "", "img_size": 224, "deep_prompts": 4,
     "train_blocks": 0, "margin": 0.3, "scale": 30.0,  # the margin loss's angle and logit scale (traits, arcface)
     "trait_prompts": 36,  # method traits: prompts tiling the face (a square number); their outputs form the embedding
@@ -43,17 +48,18 @@ DEFAULTS = {
     "epochs": 30, "batch_size": 64, "images_per_person": 4, "lr": 2e-3, "weight_decay": 0.05,
     "warmup_epochs": 1, "loss_class": 1.0, "loss_episodic": 1.0, "loss_pull": 0.1, "hflip": False,
     "val_families": 12, "full": False, "seed": 0, "precision": "auto", "compile": "auto",
-    # output and tracking
-    "out_dir": "ckpt", "tracker": "none", "run_name": "", "mlflow_uri": "", "mlflow_experiment": "",
-    "wandb_project": "twin-verification", "wandb_entity": "",
+    # output and tracking; resume_dirs: where `--resume auto` also looks (os.pathsep between folders)
+    "out_dir": "ckpt", "resume_dirs": "", "tracker": "none", "run_name": "", "mlflow_uri": "",
+    "mlflow_experiment": "", "wandb_project": "twin-verification", "wandb_entity": "",
     "log_images_every": 5,  # epochs between the validation ROC and explanation figures sent to the tracker; 0: never
 }
 CHOICES = {"method": METHODS, "cache_device": ("auto", "cuda", "cpu"), "precision": ("auto", "fp32", "fp16", "bf16"),
            "compile": ("auto", "true", "false"), "tracker": ("none", "mlflow", "wandb")}
 # What a resumed run may change: where things are and how they are tracked, never what is trained.
-RESUMABLE = {"epochs", "out_dir", "cache_dir", "cache_device", "path_remap", "weights_dir", "compile", "tracker",
-             "run_name", "mlflow_uri", "mlflow_experiment", "wandb_project", "wandb_entity", "log_images_every",
-             "train_info", "train_pairs", "test_info", "test_pairs"}
+RESUMABLE = {"epochs", "out_dir", "resume_dirs", "cache_dir", "cache_device", "path_remap", "weights_dir", "compile",
+             "tracker", "run_name", "mlflow_uri", "mlflow_experiment", "wandb_project", "wandb_entity",
+             "log_images_every", "train_info", "train_pairs", "test_info", "test_pairs"}
+CHECKPOINTS = ("last.pt", "previous.pt")  # what a run leaves to resume from: this epoch's and the one before
 
 
 # ---------------------------------------------------------------- configuration
@@ -61,7 +67,7 @@ RESUMABLE = {"epochs", "out_dir", "cache_dir", "cache_device", "path_remap", "we
 def coerce(key, value, source):
     """A config value of the default's type (YAML or command-line text), or a clear error."""
     if key not in DEFAULTS:
-        raise SystemExit(f"{source}: unknown config key {key!r}; known keys: {', '.join(sorted(DEFAULTS))}")
+        raise UserError(f"{source}: unknown config key {key!r}; known keys: {', '.join(sorted(DEFAULTS))}")
     default = DEFAULTS[key]
     if key == "compile" and isinstance(value, bool):  # YAML reads `compile: false` as a bool
         value = str(value).lower()
@@ -82,11 +88,11 @@ def coerce(key, value, source):
             value = int(number) if isinstance(default, int) else number
         elif not isinstance(value, str):
             raise ValueError
-    except ValueError:
-        raise SystemExit(f"{source}: config key {key!r} needs a {type(default).__name__}"
-                         f"{' or auto' if key == 'batch_size' else ''}, got {value!r}") from None
+    except (ValueError, TypeError, OverflowError):
+        raise UserError(f"{source}: config key {key!r} needs a {type(default).__name__}"
+                        f"{' or auto' if key == 'batch_size' else ''}, got {value!r}") from None
     if key in CHOICES and value not in CHOICES[key]:
-        raise SystemExit(f"{source}: config key {key!r} must be one of {CHOICES[key]}, got {value!r}")
+        raise UserError(f"{source}: config key {key!r} must be one of {CHOICES[key]}, got {value!r}")
     return value
 
 
@@ -96,44 +102,283 @@ def parse_overrides(items):
     while i < len(items):
         item = items[i]
         if not item.startswith("--"):
-            raise SystemExit(f"command line: expected --key value, got {item!r}")
+            raise UserError(f"command line: expected --key value, got {item!r}")
         if "=" in item:
             key, value = item[2:].split("=", 1)
         elif i + 1 < len(items):
             key, value = item[2:], items[i + 1]
             i += 1
         else:
-            raise SystemExit(f"command line: {item} needs a value")
+            raise UserError(f"command line: {item} needs a value")
         out[key.replace("-", "_")] = value
         i += 1
     return out
 
 
-def load_config(cfg_paths, overrides, base=None):
-    """Defaults (or a checkpoint's config), then each YAML file in turn, then command-line overrides."""
-    cfg = dict(base or DEFAULTS)
+def read_config_files(cfg_paths):
+    """The keys of each YAML file in turn, later files winning, each value coerced."""
+    out = {}
     for cfg_path in cfg_paths or []:
         try:
             with open(cfg_path) as f:
                 from_file = yaml.safe_load(f) or {}
         except FileNotFoundError:
-            raise SystemExit(f"{cfg_path}: config file not found") from None
+            raise UserError(f"{cfg_path}: config file not found") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"{cfg_path}: cannot read the config file ({e})") from None
         except yaml.YAMLError as e:
-            raise SystemExit(f"{cfg_path}: not valid YAML ({e})") from None
+            raise UserError(f"{cfg_path}: not valid YAML ({e})") from None
         if not isinstance(from_file, dict):
-            raise SystemExit(f"{cfg_path}: expected a mapping of config keys")
-        cfg.update({k: coerce(k, v, cfg_path) for k, v in from_file.items()})
-    cfg.update({k: coerce(k, v, "command line") for k, v in overrides.items()})
-    return cfg
+            raise UserError(f"{cfg_path}: expected a mapping of config keys")
+        out.update({k: coerce(k, v, cfg_path) for k, v in from_file.items()})
+    return out
+
+
+def load_config(cfg_paths, overrides, base=None):
+    """Defaults (or a checkpoint's config), then each YAML file in turn, then command-line overrides."""
+    return {**(base or DEFAULTS), **read_config_files(cfg_paths),
+            **{k: coerce(k, v, "command line") for k, v in overrides.items()}}
+
+
+def config_problems(cfg):
+    """One line per config value out of range (all of them), before any image is read."""
+    finite = lambda k: math.isfinite(cfg[k])  # noqa: E731
+    K, patch = cfg["images_per_person"], ARCH_PATCH.get(cfg["arch"])
+    checks = [("epochs", cfg["epochs"] >= 1, "must be at least 1"),
+              ("images_per_person", K >= (2 if cfg["method"] == "promptcam" else 1),
+               "must be at least 1 (2 with method promptcam, whose episodic loss needs a same-person pair)"),
+              ("batch_size", cfg["batch_size"] == "auto" or cfg["batch_size"] >= 4 * max(K, 1),
+               f"must hold two twin families of images_per_person images each (at least {4 * max(K, 1)}), or auto"),
+              ("lr", finite("lr") and cfg["lr"] > 0, "must be a finite number above 0"),
+              ("weight_decay", finite("weight_decay") and cfg["weight_decay"] >= 0, "must be finite and at least 0"),
+              ("warmup_epochs", cfg["warmup_epochs"] >= 0, "must be at least 0"),
+              ("margin", finite("margin") and 0 <= cfg["margin"] < math.pi / 2, "must lie in [0, pi/2)"),
+              ("scale", finite("scale") and cfg["scale"] > 0, "must be a finite number above 0"),
+              ("img_size", cfg["img_size"] >= (patch or 1) and cfg["img_size"] % (patch or 1) == 0,
+               f"must be a positive multiple of {cfg['arch']}'s patch size {patch}"),
+              ("deep_prompts", cfg["deep_prompts"] >= 0, "must be at least 0"),
+              ("train_blocks", cfg["train_blocks"] >= 0, "must be at least 0"),
+              ("val_families", cfg["val_families"] >= 0, "must be at least 0"),
+              ("seed", cfg["seed"] >= 0, "must be at least 0"),
+              ("log_images_every", cfg["log_images_every"] >= 0, "must be at least 0 (0: never)"),
+              ("path_remap", not cfg["path_remap"] or "=" in cfg["path_remap"], "must read OLD=NEW")]
+    checks += [(k, finite(k) and cfg[k] >= 0, "must be finite and at least 0")
+               for k in ("loss_class", "loss_episodic", "loss_pull")]
+    if cfg["method"] == "traits":
+        g = math.isqrt(max(cfg["trait_prompts"], 0))
+        grid = cfg["img_size"] // patch if patch else None
+        checks.append(("trait_prompts", cfg["trait_prompts"] >= 1 and g * g == cfg["trait_prompts"]
+                       and (grid is None or g <= grid),
+                       "must be a square number g x g with g at most the patch grid's side"
+                       + (f" ({grid} at img_size {cfg['img_size']})" if grid else "")))
+    problems = [f"{key}: {cfg[key]!r} {why}" for key, ok, why in checks if not ok]
+    problems += [f"{key} is empty: point it at your info files (see README)" for key in ("train_info", "train_pairs")
+                 if not cfg[key]]
+    return problems
 
 
 def parse_duration(text):
     """'11h30m', '90m', '45s', '2h' -> seconds."""
     m = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?", text.strip())
     if not text.strip() or not m:
-        raise SystemExit(f"--time-budget: cannot read {text!r}; write it like 11h30m, 90m or 45s")
+        raise UserError(f"--time-budget: cannot read {text!r}; write it like 11h30m, 90m or 45s")
     h, mi, s = (float(x or 0) for x in m.groups())
     return h * 3600 + mi * 60 + s
+
+
+@dataclass
+class Resume:
+    path: str
+    ckpt: dict
+
+
+def trained_config(ckpt):
+    """The config a checkpoint trained with; a key added since has its default, which is what it did, except method."""
+    return {**DEFAULTS, "method": METHOD_BEFORE_THE_KEY, **ckpt["config"]}
+
+
+def config_changes(cfg, trained, keys):
+    return [f"{k}: {trained.get(k)!r} in the checkpoint, {cfg[k]!r} now" for k in keys
+            if k not in RESUMABLE and cfg[k] != trained.get(k)]
+
+
+def find_this_run(cfg, user_keys, log):
+    """--resume auto: the checkpoint with the highest epoch under out_dir and resume_dirs whose config agrees with
+    every key the user set (a run's own files, or a previous Kaggle session's output mounted under /kaggle/input)."""
+    roots = [cfg["out_dir"]] + [d for d in cfg["resume_dirs"].split(os.pathsep) if d]
+    found, skipped = [], []
+    for root in roots:
+        for folder, _, files in os.walk(root):
+            for name in CHECKPOINTS:
+                path = os.path.join(folder, name)
+                if name not in files:
+                    continue
+                try:
+                    ckpt = read_training_checkpoint(path)
+                except UserError as e:
+                    log(f"--resume auto: skipping {e}")
+                    continue
+                if config_changes(cfg, trained_config(ckpt), user_keys):
+                    skipped.append(path)
+                else:
+                    found.append((ckpt["epoch"], os.path.getmtime(path), path, ckpt))
+    if skipped:
+        log(f"--resume auto: {len(skipped)} checkpoint(s) of other runs left alone ({', '.join(skipped[:3])})")
+    if not found:
+        log(f"--resume auto: no checkpoint of this run in {', '.join(roots)}; starting fresh")
+        return None
+    epoch, _, path, ckpt = max(found, key=lambda f: f[:2])
+    return Resume(path, ckpt)
+
+
+def resume_from(arg, cfg_paths, overrides, log):
+    """The checkpoint --resume names (a file, a run folder's last.pt, or auto) and the config to resume it with."""
+    if arg == "auto":
+        cfg = load_config(cfg_paths, overrides)
+        user_keys = set(read_config_files(cfg_paths)) | set(overrides)
+        resume = find_this_run(cfg, user_keys, log)
+        if resume is None:
+            return None, cfg
+    else:
+        path = os.path.join(arg, "last.pt") if os.path.isdir(arg) else arg
+        if os.path.isdir(arg) and not os.path.exists(path):
+            raise UserError(f"--resume {arg}: a folder with no last.pt in it")
+        resume = Resume(path, read_training_checkpoint(path))
+    trained = trained_config(resume.ckpt)
+    cfg = load_config(cfg_paths, overrides, base=trained)
+    changed = config_changes(cfg, trained, DEFAULTS)
+    if changed:
+        raise UserError(f"{resume.path} was trained with another config; resume with the same one or start a new "
+                        f"out_dir:\n  " + "\n  ".join(changed))
+    return resume, cfg
+
+
+def refuse_to_overwrite(out_dir):
+    """A fresh run never overwrites another run's checkpoints."""
+    for name in CHECKPOINTS:
+        path = os.path.join(out_dir, name)
+        if os.path.exists(path):
+            raise UserError(f"{path} holds a run already; continue it with `python train.py --resume {path}` "
+                            f"(or `--resume auto`), or start this one elsewhere with `--out_dir OTHER`")
+
+
+def configure(argv):
+    """Command line and YAML, range-checked; the checkpoint to resume, if any; the places the run will write."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="config keys (--key value): " + ", ".join(sorted(DEFAULTS)))
+    ap.add_argument("--cfg", action="append", help="YAML file of config keys; repeat it to layer files (later win)")
+    ap.add_argument("--resume", help="a checkpoint or run folder, or 'auto' for this run's newest checkpoint in "
+                                     "out_dir and resume_dirs")
+    ap.add_argument("--time-budget", help="stop cleanly before the next epoch would pass it, e.g. 11h30m")
+    ap.add_argument("--benchmark", nargs="?", const=20, type=int, metavar="STEPS",
+                    help="time STEPS training steps (default 20) instead of training")
+    args, rest = ap.parse_known_args(argv)
+    if args.benchmark is not None and args.benchmark < 1:
+        raise UserError(f"--benchmark {args.benchmark}: time at least one step")
+    args.budget = parse_duration(args.time_budget) if args.time_budget else None
+    overrides = parse_overrides(rest)
+    log = print if os.environ.get("RANK", "0") == "0" else (lambda *a, **k: None)
+    resume, cfg = resume_from(args.resume, args.cfg, overrides, log) if args.resume else \
+        (None, load_config(args.cfg, overrides))
+    problems = config_problems(cfg) + [p for key in ("out_dir", "cache_dir")
+                                       for p in [data.unwritable(cfg[key], key)] if p]
+    if problems:
+        raise UserError(f"{len(problems)} problem(s) with the config:\n  " + "\n  ".join(problems))
+    if resume is None and not args.benchmark:
+        refuse_to_overwrite(cfg["out_dir"])
+    return args, cfg, resume
+
+
+# ---------------------------------------------------------------- processes and data
+
+@dataclass
+class Processes:
+    """This process's place in the run: rank, world size, device and precision."""
+    rank: int
+    world: int
+    device: torch.device
+    precision: str
+
+    @property
+    def ddp(self):
+        return dist.is_initialized()
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+    def log(self, *args, **kwargs):
+        if self.master:
+            print(*args, **kwargs, flush=True)
+
+
+def start_processes(cfg):
+    """torchrun's processes (it sets RANK) or one; each on its GPU, or the CPU; the precision it trains in."""
+    n_gpus = torch.cuda.device_count()
+    if "RANK" in os.environ:
+        # NCCL needs a GPU per process; more processes than GPUs (a DDP check on one GPU) share them over gloo
+        local_rank, local_world = int(os.environ["LOCAL_RANK"]), int(os.environ["LOCAL_WORLD_SIZE"])
+        dist.init_process_group("nccl" if n_gpus >= local_world else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        device = torch.device(f"cuda:{local_rank % n_gpus}" if n_gpus else "cpu")
+    else:
+        rank, world, device = 0, 1, torch.device("cuda:0" if n_gpus else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        check_gpu_support(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    # fp16 (T4, 2080 Ti, P100) trains with a gradient scaler; bf16 and fp32 need none
+    precision = evaluate.default_precision(device) if cfg["precision"] == "auto" else cfg["precision"]
+    return Processes(rank, world, device, precision)
+
+
+@dataclass
+class TrainSet:
+    """The training families and the held-out validation families, with their uint8 images."""
+    split: data.Split
+    images: torch.Tensor
+    labels: torch.Tensor
+    val_split: data.Split = None
+    val_images: torch.Tensor = None
+
+
+def load_train_set(cfg, procs, resume):
+    """Info files checked, validation families held out, images decoded once by rank 0 into the cache and placed
+    on the GPU (or in pinned RAM when they would take over a quarter of it)."""
+    split = data.load_split(cfg["train_info"], cfg["train_pairs"], cfg["path_remap"])
+    train_split, val_split = data.hold_out_families(split, 0 if cfg["full"] else cfg["val_families"], cfg["seed"])
+    if resume and resume.ckpt["class_ids"] != train_split.ids:
+        raise UserError(f"{resume.path}: the training identities in {cfg['train_info']} differ from the checkpoint's")
+    all_images = rank0_first(lambda: data.build_cache(split.paths, cfg["img_size"], cfg["cache_dir"], procs.master))
+    index = {p: i for i, p in enumerate(split.paths)}
+    images = all_images[[index[p] for p in train_split.paths]]
+    val_images = all_images[[index[p] for p in val_split.paths]] if val_split else None
+    device = procs.device
+    if device.type == "cuda":
+        fits = images.nbytes < 0.25 * torch.cuda.get_device_properties(device).total_memory
+        on_gpu = cfg["cache_device"] == "cuda" or (cfg["cache_device"] == "auto" and fits)
+        images = images.to(device) if on_gpu else images.pin_memory()
+    return TrainSet(train_split, images, train_split.person.to(device), val_split, val_images)
+
+
+def rank0_first(make):
+    """make() on rank 0, then on the others: one process downloads or decodes, the rest read its result. A user
+    error on rank 0 ends every rank, not only rank 0 (the others would wait for it)."""
+    if not dist.is_initialized():
+        return make()
+    failure = [None]
+    if dist.get_rank() == 0:
+        try:
+            result = make()
+        except UserError as e:
+            failure = [str(e)]
+    dist.broadcast_object_list(failure, 0)
+    if failure[0] is not None:
+        raise UserError(failure[0])
+    if dist.get_rank() != 0:
+        result = make()
+    dist.barrier()
+    return result
 
 
 # ---------------------------------------------------------------- hardware
@@ -186,257 +431,299 @@ def peak_memory_gb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-# ---------------------------------------------------------------- checkpoints
 
-def find_resume(arg, out_dir):
-    if arg != "auto":
-        if not os.path.isfile(arg):
-            raise SystemExit(f"--resume {arg}: no such file")
-        return arg
-    found = glob.glob(os.path.join(out_dir, "**", "last.pt"), recursive=True)
-    return max(found, key=os.path.getmtime) if found else None
+# ---------------------------------------------------------------- the run
 
-
-def check_resume_config(cfg, ckpt_cfg, path):
-    changed = [f"{k}: {ckpt_cfg.get(k)!r} in the checkpoint, {cfg[k]!r} now"
-               for k in DEFAULTS if k not in RESUMABLE and cfg[k] != ckpt_cfg.get(k)]
-    if changed:
-        raise SystemExit(f"{path} was trained with another config; resume with the same one or start a new "
-                         f"out_dir:\n  " + "\n  ".join(changed))
-
-
-# ---------------------------------------------------------------- timing
-
-class PhaseTimer:
-    """Wall time per phase of a step, synchronising the GPU at each mark (benchmark only)."""
-
-    def __init__(self, device):
-        self.device, self.totals, self.last = device, {}, None
-
-    def mark(self, phase):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        now = time.perf_counter()
-        if self.last is not None:
-            self.totals[phase] = self.totals.get(phase, 0.0) + now - self.last
-        self.last = now
+@dataclass
+class Run:
+    """What lives for the whole run: the model and its optimisation, where the run stands, and its outputs."""
+    cfg: dict
+    procs: Processes
+    train_set: TrainSet
+    raw: torch.nn.Module  # the verifier itself; `model` is what trains it (DDP and compile wrap it)
+    model_args: dict
+    batches: data.FamilyBatches
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    augment_rng: torch.Generator
+    model: torch.nn.Module = None
+    tracker: object = None
+    first_epoch: int = 0
+    step: int = 0
+    best_eer: float = math.inf
+    best_epoch: int = None
+    threshold: float = None
+    tracker_run_id: str = None
+    started: float = field(default_factory=time.perf_counter)
+    epoch_times: list = field(default_factory=list)
+    stats: dict = field(default_factory=dict)
+    improved: bool = False
+    stopped_early: bool = False
+    compiled: bool = False
+    epoch_started: float = 0.0
 
 
-# ---------------------------------------------------------------- main
+def make_optimizer(raw, cfg, device):
+    """AdamW, with weight decay on weight matrices only: not on prompts, norms or biases."""
+    named = [(n, p) for n, p in raw.named_parameters() if p.requires_grad]
+    decays = {n: p.ndim >= 2 and "prompts" not in n for n, p in named}
+    return torch.optim.AdamW([{"params": [p for n, p in named if decays[n]], "weight_decay": cfg["weight_decay"]},
+                              {"params": [p for n, p in named if not decays[n]], "weight_decay": 0.0}],
+                             lr=cfg["lr"], fused=device.type == "cuda")
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog="config keys (--key value): " + ", ".join(sorted(DEFAULTS)))
-    ap.add_argument("--cfg", action="append", help="YAML file of config keys; repeat it to layer files (later win)")
-    ap.add_argument("--resume", help="a last.pt, or 'auto' for the newest last.pt under out_dir")
-    ap.add_argument("--time-budget", help="stop cleanly before the next epoch would pass it, e.g. 11h30m")
-    ap.add_argument("--benchmark", nargs="?", const=20, type=int, metavar="STEPS",
-                    help="time STEPS training steps (default 20) instead of training")
-    args, rest = ap.parse_known_args(argv)
-    if args.benchmark is not None and args.benchmark < 1:
-        raise SystemExit(f"--benchmark {args.benchmark}: time at least one step")
-    overrides = parse_overrides(rest)
-    budget = parse_duration(args.time_budget) if args.time_budget else None
-    cfg = load_config(args.cfg, overrides)
-    resume_path = find_resume(args.resume, cfg["out_dir"]) if args.resume else None
-    ckpt = read_training_checkpoint(resume_path) if resume_path else None
-    if ckpt:
-        # the checkpoint's config, then what the user gave now, which may only move or re-track the run
-        # a key added since then has its default, which is what the run did, except `method`
-        trained = {**DEFAULTS, "method": METHOD_BEFORE_THE_KEY, **ckpt["config"]}
-        cfg = load_config(args.cfg, overrides, base=trained)
-        check_resume_config(cfg, trained, resume_path)
-    for key in ("train_info", "train_pairs"):
-        if not cfg[key]:
-            raise SystemExit(f"config key {key!r} is empty: point it at your info files (see README)")
 
-    # ---- processes and devices: torchrun sets RANK; plain python runs one process
-    ddp, n_gpus = "RANK" in os.environ, torch.cuda.device_count()
-    if ddp:
-        # NCCL needs a GPU per process; more processes than GPUs (a DDP check on one GPU) share them over gloo
-        local_rank, local_world = int(os.environ["LOCAL_RANK"]), int(os.environ["LOCAL_WORLD_SIZE"])
-        dist.init_process_group("nccl" if n_gpus >= local_world else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-        device = torch.device(f"cuda:{local_rank % n_gpus}" if n_gpus else "cpu")
-    else:
-        rank, world = 0, 1
-        device = torch.device("cuda:0" if n_gpus else "cpu")
-    master = rank == 0
-    log = print if master else (lambda *a, **k: None)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        check_gpu_support(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    # fp16 (T4, 2080 Ti, P100) trains with a gradient scaler; bf16 and fp32 need none
-    precision = evaluate.default_precision(device) if cfg["precision"] == "auto" else cfg["precision"]
-    if ckpt and len(ckpt["rng"]) != world:
-        raise SystemExit(f"{resume_path} was written by {len(ckpt['rng'])} process(es); resume it with as many")
+def lr_factor(step, steps_per_epoch, warmup_epochs, epochs):
+    """Linear warm-up over warmup_epochs, then a cosine to 0 at the last step."""
+    warmup, total = warmup_epochs * steps_per_epoch, epochs * steps_per_epoch
+    return min(1.0, (step + 1) / max(warmup, 1)) * 0.5 * (
+        1 + math.cos(math.pi * min(1.0, max(0, step - warmup) / max(total - warmup, 1))))
 
-    # ---- data: rank 0 decodes the cache once, the others read it
-    split = data.load_split(cfg["train_info"], cfg["train_pairs"], cfg["path_remap"])
-    train_split, val_split = data.hold_out_families(split, 0 if cfg["full"] else cfg["val_families"], cfg["seed"])
-    if ckpt and ckpt["class_ids"] != train_split.ids:
-        raise SystemExit(f"{resume_path}: the training identities differ from the checkpoint's")
-    all_images = rank0_first(lambda: data.build_cache(split.paths, cfg["img_size"], cfg["cache_dir"], master), ddp)
-    index = {p: i for i, p in enumerate(split.paths)}
-    train_images = all_images[[index[p] for p in train_split.paths]]
-    val_images = all_images[[index[p] for p in val_split.paths]] if val_split else None
-    if device.type == "cuda":  # index the cache on the GPU, or in pinned RAM when it would crowd the GPU
-        fits = train_images.nbytes < 0.25 * torch.cuda.get_device_properties(device).total_memory
-        on_gpu = cfg["cache_device"] == "cuda" or (cfg["cache_device"] == "auto" and fits)
-        train_images = train_images.to(device) if on_gpu else train_images.pin_memory()
-    labels = train_split.person.to(device)
-    K = cfg["images_per_person"]
 
-    # ---- model, optimiser, schedule
+def start_run(cfg, train_set, procs, resume):
+    """The model, its optimiser, schedule and gradient scaler, restored from the checkpoint when resuming, then
+    wrapped for DDP and compiled where that pays."""
     torch.manual_seed(cfg["seed"])
     model_args = {k: cfg[k] for k in ("method", "arch", "img_size", "deep_prompts", "train_blocks", "margin", "scale",
                                       "trait_prompts")}
-    model_args["num_classes"] = len(train_split.ids)
-    raw = rank0_first(lambda: build_verifier(**model_args, weights_dir=cfg["weights_dir"] or None), ddp).to(device)
-    log(raw.summary())
-    batch_size = cfg["batch_size"]
+    model_args["num_classes"] = len(train_set.split.ids)
+    raw = rank0_first(lambda: build_verifier(**model_args, weights_dir=cfg["weights_dir"] or None)).to(procs.device)
+    procs.log(raw.summary())
+    K, batch_size = cfg["images_per_person"], cfg["batch_size"]
     if batch_size == "auto":
-        batch_size = largest_batch(raw, train_images, labels, K, device, precision, log)
-    batches = data.FamilyBatches(train_split, K, max(1, batch_size // (2 * K)), cfg["seed"], rank, world)
-    named = [(n, p) for n, p in raw.named_parameters() if p.requires_grad]
-    # weight decay on weight matrices only: not on prompts, norms or biases
-    decays = {n: p.ndim >= 2 and "prompts" not in n for n, p in named}
-    decay = [p for n, p in named if decays[n]]
-    no_decay = [p for n, p in named if not decays[n]]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg["weight_decay"]},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg["lr"],
-                                  fused=device.type == "cuda")
-    steps_per_epoch, warmup = len(batches), cfg["warmup_epochs"] * len(batches)
-    total = cfg["epochs"] * steps_per_epoch
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(warmup, 1)) * 0.5 * (
-        1 + math.cos(math.pi * min(1.0, max(0, s - warmup) / max(total - warmup, 1)))))
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    steps_left = total - (ckpt["step"] if ckpt else 0)
-    use_compile = torch.tensor(float(resolve_compile(
-        cfg, device, lambda: time_probe_step(raw, train_images, labels, len(batches.epoch(0)[0]), device, precision),
-        steps_left, log)), device=device)
-    if ddp:
-        dist.broadcast(use_compile, 0)  # every rank runs the same graph: rank 0's timing decides
-    use_compile = bool(use_compile.item())
-    # one static graph, gradients reduced in place in their buckets (no copy per step)
-    model = DDP(raw, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True,
-                static_graph=True) if ddp else raw
-    if use_compile:  # one static graph per batch size: only batches holding the triplet family differ
-        model = torch.compile(model, dynamic=False)
-    gen = torch.Generator(device=device).manual_seed(cfg["seed"] * 1000 + rank)
-    start_epoch, step, best_eer, threshold, run_id = 0, 0, math.inf, None, None
-    if ckpt:
-        raw.load_trainable_state(ckpt["model"], resume_path)
-        optimizer.load_state_dict(ckpt["optimizer"])
-        schedule.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        rng = ckpt["rng"][rank]
+        batch_size = largest_batch(raw, train_set.images, train_set.labels, K, procs.device, procs.precision,
+                                   procs.log)
+    batches = data.FamilyBatches(train_set.split, K, max(1, batch_size // (2 * K)), cfg["seed"], procs.rank,
+                                 procs.world)
+    optimizer = make_optimizer(raw, cfg, procs.device)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, len(batches), cfg["warmup_epochs"], cfg["epochs"]))
+    run = Run(cfg, procs, train_set, raw, model_args, batches, optimizer, schedule,
+              torch.amp.GradScaler(procs.device.type, enabled=procs.precision == "fp16"),
+              torch.Generator(device=procs.device).manual_seed(cfg["seed"] * 1000 + procs.rank))
+    if resume:
+        restore(run, resume)
+    run.model = wrap_model(run)
+    return run
+
+
+def restore(run, resume):
+    """Continue the run a checkpoint stopped: exactly with as many processes as wrote it; with another number, the
+    same weights, optimiser, schedule and epoch, the batches re-dealt and the random streams re-seeded."""
+    ckpt, procs = resume.ckpt, run.procs
+    run.raw.load_trainable_state(ckpt["model"], resume.path)
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    run.schedule.load_state_dict(ckpt["scheduler"])
+    if ckpt["scaler"] and run.scaler.is_enabled():  # an empty state: saved where fp16 was not used
+        run.scaler.load_state_dict(ckpt["scaler"])
+    run.first_epoch, run.step = ckpt["epoch"] + 1, ckpt["step"]
+    run.best_eer, run.threshold, run.tracker_run_id = ckpt["best_eer"], ckpt["threshold"], ckpt["tracker_run_id"]
+    run.best_epoch = ckpt.get("best_epoch")
+    saved_world = len(ckpt["rng"])
+    if saved_world == procs.world:
+        rng = ckpt["rng"][procs.rank]
         torch.set_rng_state(rng["torch"])
-        gen.set_state(rng["augment"])
-        if device.type == "cuda" and rng["cuda"] is not None:
-            torch.cuda.set_rng_state(rng["cuda"], device)
-        start_epoch, step = ckpt["epoch"] + 1, ckpt["step"]
-        best_eer, threshold, run_id = ckpt["best_eer"], ckpt["threshold"], ckpt["tracker_run_id"]
-        log(f"resumed {resume_path}: epoch {start_epoch} of {cfg['epochs']} done, best EER {best_eer:.4f}")
+        run.augment_rng.set_state(rng["augment"])
+        if procs.device.type == "cuda" and rng["cuda"] is not None:
+            torch.cuda.set_rng_state(rng["cuda"], procs.device)
+    else:
+        # the epoch's batches are a function of (seed, epoch, world); the schedule moves to this epoch's step
+        run.step = run.schedule.last_epoch = run.first_epoch * len(run.batches)
+        for group, base_lr, factor in zip(run.optimizer.param_groups, run.schedule.base_lrs, run.schedule.lr_lambdas):
+            group["lr"] = base_lr * factor(run.step)
+        seed = int(np.random.SeedSequence([run.cfg["seed"], run.first_epoch, procs.rank]).generate_state(1)[0])
+        torch.manual_seed(seed)
+        run.augment_rng.manual_seed(seed)
+        procs.log(f"{resume.path} was written by {saved_world} process(es) and resumes with {procs.world}: the same "
+                  f"run, its batches re-dealt and random streams re-seeded, so no longer bit-identical to an "
+                  f"uninterrupted one")
+    procs.log(f"resumed {resume.path}: {run.first_epoch} of {run.cfg['epochs']} epochs done, best validation EER "
+              f"{run.best_eer:.4f}")
 
-    def train_step(idx, timer=None):
-        """One optimisation step on a batch of image indices; the timer marks phases when benchmarking."""
-        idx = idx.to(train_images.device, non_blocking=True)
-        x, y = train_images[idx].to(device, non_blocking=True), labels[idx.to(device)]
-        timer and timer.mark("data")
-        x = data.augment(x, gen, cfg["hflip"])
-        timer and timer.mark("augmentation")
-        with evaluate.autocast(device, precision):
-            terms = raw.loss_terms(model(x), y)  # {name: term}, weighted by the config's loss_<name>
-            loss = sum(cfg[f"loss_{name}"] * term for name, term in terms.items())
-        timer and timer.mark("forward")
-        scaler.scale(loss).backward()
-        timer and timer.mark("backward")
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        schedule.step()
-        timer and timer.mark("optimiser")
-        return loss.detach()
 
-    if args.benchmark:
-        n_trainable = sum(p.numel() for _, p in named)
-        return benchmark(train_step, batches, device, precision, use_compile, world, log, n_trainable,
-                         steps=args.benchmark)
+def wrap_model(run):
+    """DDP over the processes, and torch.compile when compile_pays (rank 0's timing decides for every rank)."""
+    procs, raw, ts = run.procs, run.raw, run.train_set
+    steps_left = run.cfg["epochs"] * len(run.batches) - run.step
+    n = len(run.batches.epoch(0)[0])
+    use_compile = torch.tensor(float(resolve_compile(
+        run.cfg, procs.device, lambda: time_probe_step(raw, ts.images, ts.labels, n, procs.device, procs.precision),
+        steps_left, procs.log)), device=procs.device)
+    if procs.ddp:
+        dist.broadcast(use_compile, 0)
+    # one static graph, gradients reduced in place in their buckets (no copy per step)
+    model = DDP(raw, device_ids=[procs.device.index] if procs.device.type == "cuda" else None,
+                gradient_as_bucket_view=True, static_graph=True) if procs.ddp else raw
+    run.compiled = bool(use_compile.item())
+    # one static graph per batch size: only batches holding the triplet family differ
+    return torch.compile(model, dynamic=False) if run.compiled else model
 
-    if master:
-        os.makedirs(cfg["out_dir"], exist_ok=True)
-    tracker = make_tracker(cfg, run_id, rank)
-    if master and run_id is None:
-        tracker.log_params(cfg)
-    run_start, epoch_times = time.perf_counter(), []
-    for epoch in range(start_epoch, cfg["epochs"]):
-        epoch_start, improved = time.perf_counter(), False
-        model.train()
-        epoch_batches = batches.epoch(epoch)
-        loss_sum = torch.zeros((), device=device)
-        bar = Progress(len(epoch_batches), f"epoch {epoch + 1}/{cfg['epochs']}", enabled=master)
-        for i, idx in enumerate(epoch_batches):
-            loss_sum += train_step(idx)
-            step += 1
-            bar.update(info=lambda: f"loss {loss_sum.item() / (i + 1):.4f}")
-        train_time = time.perf_counter() - epoch_start
-        images_per_s = sum(len(b) for b in epoch_batches) * world / train_time
-        if ddp:
-            dist.all_reduce(loss_sum)
-        stats = {"loss": loss_sum.item() / len(epoch_batches) / world, "lr": schedule.get_last_lr()[0],
-                 "images_per_s": images_per_s, "peak_memory_gb": peak_memory_gb(device)}
-        if master:
-            if val_split is not None:
-                val = evaluate.validate(raw, val_images, val_split, device, precision)
-                stats.update(val_eer=val["eer"], val_auc=val["auc"])
-                improved = val["eer"] < best_eer
-                if improved:
-                    best_eer, threshold = val["eer"], val["threshold"]
-                every = cfg["log_images_every"]
-                if tracker.kind != "none" and every and ((epoch + 1) % every == 0 or epoch + 1 == cfg["epochs"]):
-                    log_validation_figures(tracker, raw, val, val_images, val_split, device, epoch)
-        rng = {"torch": torch.get_rng_state(), "augment": gen.get_state(),
-               "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-        rngs = [rng]
-        if ddp:
-            rngs = [None] * world
-            dist.all_gather_object(rngs, rng)
-        if master:
-            state = {"config": cfg, "model_args": model_args,
-                     "backbone_fingerprint": raw.vit.fingerprint, "class_ids": train_split.ids,
-                     "model": {k: v.detach().cpu() for k, v in raw.trainable_state().items()},
-                     "optimizer": optimizer.state_dict(), "scheduler": schedule.state_dict(),
-                     "scaler": scaler.state_dict(), "epoch": epoch, "step": step, "rng": rngs,
-                     "sampler": {"seed": cfg["seed"], "next_epoch": epoch + 1}, "best_eer": best_eer,
-                     "threshold": threshold, "val": {k: v for k, v in stats.items() if k.startswith("val")},
-                     "tracker_run_id": tracker.run_id}
-            data.save_atomically(state, os.path.join(cfg["out_dir"], "last.pt"))
-            if improved:
-                data.save_atomically(state, os.path.join(cfg["out_dir"], "best.pt"))
-            if raw.method == "arcface" and (improved or val_split is None):
-                # the trained backbone as an official checkpoint: `arch: .../backbone.pth` freezes it elsewhere
-                data.save_atomically(official_backbone_state(raw.vit), os.path.join(cfg["out_dir"], "backbone.pth"))
-            tracker.log_metrics(stats, epoch)
-        epoch_times.append(time.perf_counter() - epoch_start)
-        steady = epoch_times[1:] or epoch_times  # a process's first epoch compiles and warms up
-        eta = (cfg["epochs"] - epoch - 1) * statistics.median(steady)  # the median passes over a slow validation
-        val_text = f"val EER {stats['val_eer']:.4f} AUC {stats['val_auc']:.4f}{' *' if improved else ''} | " \
-            if master and val_split is not None else ""
-        log(f"epoch {epoch + 1}/{cfg['epochs']} | loss {stats['loss']:.4f} | {val_text}"
-            f"{images_per_s:.0f} img/s | peak mem {stats['peak_memory_gb']:.2f} GB | "
-            f"{format_seconds(epoch_times[-1])}/epoch, ETA {format_seconds(eta)}", flush=True)
-        stop = torch.tensor(float(budget is not None and time.perf_counter() - run_start + 1.1 * max(steady)
-                                  > budget), device=device)
-        if ddp:
-            dist.broadcast(stop, 0)  # every rank stops together, on rank 0's clock
-        if stop.item() and epoch + 1 < cfg["epochs"]:
-            log(f"time budget {args.time_budget}: stopping before epoch {epoch + 2} would pass it; "
-                f"continue with --resume auto (or --resume {cfg['out_dir']}/last.pt)")
-            break
-    check_ranks_agree(raw, ddp, world, log)
-    tracker.finish()
+
+def start_tracking(run):
+    """The tracker the config names, continuing the checkpoint's tracker run when resuming (rank 0 only)."""
+    if run.procs.master:
+        os.makedirs(run.cfg["out_dir"], exist_ok=True)
+    tracker = make_tracker(run.cfg, run.tracker_run_id, run.procs.rank)
+    if run.procs.master and run.tracker_run_id is None:
+        tracker.log_params(run.cfg)
+    return tracker
+
+
+def train_step(run, idx, timer=None):
+    """One optimisation step on a batch of image indices; the timer marks phases when benchmarking."""
+    cfg, ts, device = run.cfg, run.train_set, run.procs.device
+    idx = idx.to(ts.images.device, non_blocking=True)
+    x, y = ts.images[idx].to(device, non_blocking=True), ts.labels[idx.to(device)]
+    timer and timer.mark("data")
+    x = data.augment(x, run.augment_rng, cfg["hflip"])
+    timer and timer.mark("augmentation")
+    with evaluate.autocast(device, run.procs.precision):
+        terms = run.raw.loss_terms(run.model(x), y)  # {name: term}, weighted by the config's loss_<name>
+        loss = sum(cfg[f"loss_{name}"] * term for name, term in terms.items())
+    timer and timer.mark("forward")
+    run.scaler.scale(loss).backward()
+    timer and timer.mark("backward")
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.schedule.step()
+    timer and timer.mark("optimiser")
+    return loss.detach()
+
+
+def train_epoch(run, epoch):
+    """One pass over the epoch's family batches; the mean loss over every rank, images/s and peak memory."""
+    procs, epoch_batches = run.procs, run.batches.epoch(epoch)
+    run.epoch_started = time.perf_counter()
+    run.model.train()
+    loss_sum = torch.zeros((), device=procs.device)
+    bar = Progress(len(epoch_batches), f"epoch {epoch + 1}/{run.cfg['epochs']}", enabled=procs.master)
+    for i, idx in enumerate(epoch_batches):
+        loss_sum += train_step(run, idx)
+        run.step += 1
+        bar.update(info=lambda: f"loss {loss_sum.item() / (i + 1):.4f}")
+    seconds = time.perf_counter() - run.epoch_started
+    if procs.ddp:
+        dist.all_reduce(loss_sum)
+    run.stats = {"loss": loss_sum.item() / len(epoch_batches) / procs.world, "lr": run.schedule.get_last_lr()[0],
+                 "images_per_s": sum(len(b) for b in epoch_batches) * procs.world / seconds,
+                 "peak_memory_gb": peak_memory_gb(procs.device)}
+
+
+def validate_and_save(run, epoch):
+    """Validation EER on rank 0; last.pt every epoch and best.pt when it improves; the tracker; the epoch line."""
+    cfg, procs, ts = run.cfg, run.procs, run.train_set
+    run.improved = False
+    if procs.master and ts.val_split is not None:
+        val = evaluate.validate(run.raw, ts.val_images, ts.val_split, procs.device, procs.precision)
+        run.stats.update(val_eer=val["eer"], val_auc=val["auc"])
+        run.improved = val["eer"] < run.best_eer
+        if run.improved:
+            run.best_eer, run.threshold, run.best_epoch = val["eer"], val["threshold"], epoch
+        every = cfg["log_images_every"]
+        if run.tracker.kind != "none" and every and ((epoch + 1) % every == 0 or epoch + 1 == cfg["epochs"]):
+            log_validation_figures(run.tracker, run.raw, val, ts.val_images, ts.val_split, procs.device, epoch)
+    save_checkpoints(run, epoch)
+    run.epoch_times.append(time.perf_counter() - run.epoch_started)
+    stats = run.stats
+    val_text = (f"val EER {stats['val_eer']:.4f} AUC {stats['val_auc']:.4f}{' *' if run.improved else ''} | "
+                if "val_eer" in stats else "")
+    procs.log(f"epoch {epoch + 1}/{cfg['epochs']} | loss {stats['loss']:.4f} | {val_text}"
+              f"{stats['images_per_s']:.0f} img/s | peak mem {stats['peak_memory_gb']:.2f} GB | "
+              f"{format_seconds(run.epoch_times[-1])}/epoch, "
+              f"ETA {format_seconds(eta_seconds(run.epoch_times, cfg['epochs'] - epoch - 1))}")
+
+
+def save_checkpoints(run, epoch):
+    """Every rank's random state gathered; rank 0 writes last.pt (the previous one kept as previous.pt), best.pt
+    when validation improved, and arcface's trained backbone; the tracker gets the epoch's figures."""
+    procs, raw = run.procs, run.raw
+    rng = {"torch": torch.get_rng_state(), "augment": run.augment_rng.get_state(),
+           "cuda": torch.cuda.get_rng_state(procs.device) if procs.device.type == "cuda" else None}
+    rngs = [rng]
+    if procs.ddp:
+        rngs = [None] * procs.world
+        dist.all_gather_object(rngs, rng)
+    if not procs.master:
+        return
+    state = {"config": run.cfg, "model_args": run.model_args, "backbone_fingerprint": raw.vit.fingerprint,
+             "class_ids": run.train_set.split.ids,
+             "model": {k: v.detach().cpu() for k, v in raw.trainable_state().items()},
+             "optimizer": run.optimizer.state_dict(), "scheduler": run.schedule.state_dict(),
+             "scaler": run.scaler.state_dict(), "epoch": epoch, "step": run.step, "rng": rngs,
+             "sampler": {"seed": run.cfg["seed"], "next_epoch": epoch + 1}, "best_eer": run.best_eer,
+             "best_epoch": run.best_epoch, "threshold": run.threshold,
+             "val": {k: v for k, v in run.stats.items() if k.startswith("val")}, "tracker_run_id": run.tracker.run_id}
+    out_dir = run.cfg["out_dir"]
+    data.save_atomically(state, os.path.join(out_dir, "last.pt"), keep_previous=os.path.join(out_dir, "previous.pt"))
+    if run.improved:
+        data.save_atomically(state, os.path.join(out_dir, "best.pt"))
+    if raw.method == "arcface" and (run.improved or run.train_set.val_split is None):
+        # the trained backbone as an official checkpoint: `arch: .../backbone.pth` freezes it elsewhere
+        data.save_atomically(official_backbone_state(raw.vit), os.path.join(out_dir, "backbone.pth"))
+    run.tracker.log_metrics(run.stats, epoch)
+
+
+def eta_seconds(epoch_times, epochs_left):
+    """Seconds left at the median pace of the epochs after the first (which compiles and warms up), so neither a
+    compile epoch nor one slow validation inflates it."""
+    steady = epoch_times[1:] or epoch_times
+    return epochs_left * statistics.median(steady) if steady else 0.0
+
+
+def out_of_time(run, epoch, budget, resume_line):
+    """With a time budget: stop, checkpoint saved, before the next epoch would pass it (rank 0's clock decides)."""
+    procs = run.procs
+    steady = run.epoch_times[1:] or run.epoch_times
+    stop = torch.tensor(float(budget is not None and time.perf_counter() - run.started + 1.1 * max(steady) > budget),
+                        device=procs.device)
+    if procs.ddp:
+        dist.broadcast(stop, 0)
+    if not stop.item() or epoch + 1 == run.cfg["epochs"]:
+        return False
+    procs.log(f"time budget: stopping before epoch {epoch + 2} would pass it. Continue with the same line and "
+              f"--resume auto:\n  {resume_line}")
+    run.stopped_early = True
+    return True
+
+
+def resume_command(argv, procs):
+    """The command line that started this run, with --resume auto: the one line for every later session."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--resume" in argv:
+        del argv[argv.index("--resume"):argv.index("--resume") + 2]
+    argv = [a for a in argv if not a.startswith("--resume=")] + ["--resume", "auto"]
+    launcher = f"torchrun --nproc_per_node {procs.world}" if procs.ddp else "python"
+    return " ".join([launcher, "train.py", *argv])
+
+
+def finish(run):
+    """Ranks checked to agree, the tracker closed, and a summary with the commands a user types next."""
+    check_ranks_agree(run.raw, run.procs)
+    if run.tracker:
+        run.tracker.finish()
+    procs, out_dir = run.procs, run.cfg["out_dir"]
+    if run.first_epoch >= run.cfg["epochs"]:
+        procs.log(f"all {run.cfg['epochs']} epochs were done already; to train longer, resume with --epochs N")
+    best = (f"best epoch {run.best_epoch + 1}, validation EER {run.best_eer:.4f}, threshold {run.threshold:+.4f}"
+            if run.best_epoch is not None else "no validation (full: true): give evaluate.py --threshold")
+    last = os.path.join(out_dir, "last.pt")
+    pair = example_pair(run.cfg)
+    procs.log(f"{'stopped early' if run.stopped_early else 'done'}: {best}\n  {os.path.join(out_dir, 'best.pt')}: the best epoch\n  {last}: the last epoch\n"
+              f"next:\n  python evaluate.py --ckpt {out_dir} --out eval\n"
+              + (f"  python cam.py {pair[0]} {pair[1]} --ckpt {out_dir}\n"
+                 f"  python cam.py --pairs test --n 16 --ckpt {out_dir} --out cam_gallery"
+                 if run.raw.method != "arcface" else "  (arcface has no prompts, so no maps to draw)"))
+
+
+def example_pair(cfg):
+    """Two photos of twins from the test split, to show the explanation command with real paths."""
+    try:
+        split = data.load_split(cfg["test_info"], cfg["test_pairs"], cfg["path_remap"])
+        a, b, _ = cam.pick_pairs(split, 1)[0]
+        return split.paths[a], split.paths[b]
+    except (UserError, IndexError):
+        return "A.jpg", "B.jpg"
 
 
 def log_validation_figures(tracker, raw, val, val_images, val_split, device, epoch):
@@ -451,30 +738,33 @@ def log_validation_figures(tracker, raw, val, val_images, val_split, device, epo
         tracker.log_image("val_explanation", figure, epoch)
 
 
-def rank0_first(make, ddp):
-    """make() on rank 0, then on the others: one process downloads or decodes, the rest read its result."""
-    if not ddp:
-        return make()
-    if dist.get_rank() == 0:
-        result = make()
-    dist.barrier()
-    if dist.get_rank() != 0:
-        result = make()
-    dist.barrier()
-    return result
-
-
-def check_ranks_agree(raw, ddp, world, log):
+def check_ranks_agree(raw, procs):
     """Every rank must end with the same trainable weights; a silent DDP fault would break this."""
-    flat = torch.cat([p.detach().float().flatten() for p in raw.parameters() if p.requires_grad])
-    if not ddp:
+    if not procs.ddp:
         return
+    flat = torch.cat([p.detach().float().flatten() for p in raw.parameters() if p.requires_grad])
     lo, hi = flat.clone(), flat.clone()
     dist.all_reduce(lo, dist.ReduceOp.MIN)
     dist.all_reduce(hi, dist.ReduceOp.MAX)
     if not torch.equal(lo, hi):
-        raise SystemExit(f"trainable weights differ across ranks (max gap {(hi - lo).max().item():.3g})")
-    log(f"trainable weights identical on all {world} ranks ({flat.numel():,} values)")
+        raise RuntimeError(f"trainable weights differ across ranks (max gap {(hi - lo).max().item():.3g})")
+    procs.log(f"trainable weights identical on all {procs.world} ranks ({flat.numel():,} values)")
+
+
+def main(argv=None):
+    args, cfg, resume = configure(argv)
+    procs = start_processes(cfg)
+    train_set = load_train_set(cfg, procs, resume)
+    run = start_run(cfg, train_set, procs, resume)
+    if args.benchmark:
+        return benchmark(run, steps=args.benchmark)
+    run.tracker = start_tracking(run)
+    for epoch in range(run.first_epoch, cfg["epochs"]):
+        train_epoch(run, epoch)
+        validate_and_save(run, epoch)
+        if out_of_time(run, epoch, args.budget, resume_command(argv, procs)):
+            break
+    finish(run)
 
 
 def probe_step(raw, images, labels, n, device, precision, gen):
@@ -529,34 +819,42 @@ def largest_batch(raw, images, labels, K, device, precision, log):
     return chosen
 
 
-def benchmark(train_step, batches, device, precision, use_compile, world, log, n_trainable, warmup=5, steps=20):
-    """Steady-state images/s and where the step time goes; under DDP also what the gradient all-reduce
-    costs alone (DDP runs it inside backward)."""
-    epoch_batches = batches.epoch(0)
-    # compilation and allocator warm-up, not timed, on every batch size the epoch holds (batches holding
-    # the triplet family are larger): torch.compile builds a graph per size
+def time_steps(step, epoch_batches, procs, warmup, steps):
+    """(seconds, images, phase timer) of `steps` timed steps, after untimed ones on every batch size the epoch holds
+    (batches holding the triplet family are larger, and torch.compile builds a graph per size) and `warmup` more.
+    Every rank takes as many steps: DDP reduces gradients in each."""
     warm = list({len(idx): idx for idx in epoch_batches}.values())
-    n_warm = torch.tensor(len(warm) + warmup, device=device)
-    if world > 1:  # every rank takes as many steps: DDP reduces gradients in each
+    n_warm = torch.tensor(len(warm) + warmup, device=procs.device)
+    if procs.ddp:
         dist.all_reduce(n_warm, dist.ReduceOp.MAX)
     for i in range(n_warm.item()):
-        train_step(warm[i] if i < len(warm) else epoch_batches[i % len(epoch_batches)])
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    timer, images, start = PhaseTimer(device), 0, time.perf_counter()
+        step(warm[i] if i < len(warm) else epoch_batches[i % len(epoch_batches)])
+    if procs.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(procs.device)
+    timer, images, start = PhaseTimer(procs.device), 0, time.perf_counter()
     for i in range(steps):
         idx = epoch_batches[(warmup + i) % len(epoch_batches)]
         timer.mark("start")
-        train_step(idx, timer)
+        step(idx, timer)
         images += len(idx)
-    elapsed = time.perf_counter() - start
+    return time.perf_counter() - start, images, timer
+
+
+def benchmark(run, steps, warmup=5):
+    """Steady-state images/s and where the step time goes; under DDP also what the gradient all-reduce costs alone
+    (DDP runs it inside backward)."""
+    procs, device = run.procs, run.procs.device
+    elapsed, images, timer = time_steps(lambda idx, timer=None: train_step(run, idx, timer), run.batches.epoch(0),
+                                        procs, warmup, steps)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     total = sum(v for k, v in timer.totals.items() if k != "start")
     shares = ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in timer.totals.items() if k != "start")
-    log(f"benchmark on {name} x{world} process(es), {precision}, compile {'on' if use_compile else 'off'}:\n"
-        f"  {images / elapsed:.1f} images/s per process, {images * world / elapsed:.1f} in all "
-        f"(batch {images // steps})\n  step time: {shares}\n  peak memory: {peak_memory_gb(device):.2f} GB")
-    if world > 1:
+    procs.log(f"benchmark on {name} x{procs.world} process(es), {procs.precision}, compile "
+              f"{'on' if run.compiled else 'off'}:\n  {images / elapsed:.1f} images/s per process, "
+              f"{images * procs.world / elapsed:.1f} in all (batch {images // steps})\n  step time: {shares}\n"
+              f"  peak memory: {peak_memory_gb(device):.2f} GB")
+    if procs.ddp:
+        n_trainable = sum(p.numel() for p in run.raw.parameters() if p.requires_grad)
         grads = torch.zeros(n_trainable, device=device)
         dist.barrier()
         start = time.perf_counter()
@@ -565,12 +863,27 @@ def benchmark(train_step, batches, device, precision, use_compile, world, log, n
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         per_step = (time.perf_counter() - start) / steps
-        log(f"  gradient all-reduce alone ({n_trainable:,} values): {1000 * per_step:.1f} ms per step, "
-            f"{100 * per_step * steps / elapsed:.0f}% of the step time")
+        procs.log(f"  gradient all-reduce alone ({n_trainable:,} values): {1000 * per_step:.1f} ms per step, "
+                  f"{100 * per_step * steps / elapsed:.0f}% of the step time")
+
+
+class PhaseTimer:
+    """Wall time per phase of a step, synchronising the GPU at each mark (benchmark only)."""
+
+    def __init__(self, device):
+        self.device, self.totals, self.last = device, {}, None
+
+    def mark(self, phase):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        if self.last is not None:
+            self.totals[phase] = self.totals.get(phase, 0.0) + now - self.last
+        self.last = now
 
 
 if __name__ == "__main__":
-    status = main()
+    status = run_cli(main)
     if dist.is_initialized():
         # DDP sits in a reference cycle that holds the process group: free it now, not while Python shuts down
         gc.collect()

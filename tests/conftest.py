@@ -1,5 +1,6 @@
 """Shared test fixtures: the project root on sys.path, a tiny synthetic twin set and one short training run."""
 import os
+import socket
 import subprocess
 import sys
 
@@ -23,13 +24,19 @@ def run_py(args, cwd=ROOT, env=None, timeout=600, check=True):
     return proc
 
 
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def tiny_config(tmp, data_dir, **overrides):
     """A YAML config for a few-second CPU run on the synthetic set."""
     cfg = {"train_info": f"{data_dir}/train_info.json", "train_pairs": f"{data_dir}/train_pairs.json",
            "test_info": f"{data_dir}/test_info.json", "test_pairs": f"{data_dir}/test_pairs.json",
            "cache_dir": f"{tmp}/cache", "arch": TINY_ARCH, "img_size": IMG, "deep_prompts": 2,
            "epochs": 3, "batch_size": 16, "images_per_person": 2, "val_families": 3, "out_dir": f"{tmp}/run",
-           "lr": 0.003}
+           "lr": 0.003, "trait_prompts": 4}  # 2 x 2 cells on the 4 x 4 patch grid
     cfg.update(overrides)
     path = os.path.join(tmp, "cfg.yaml")
     with open(path, "w") as f:
