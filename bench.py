@@ -1,10 +1,8 @@
-"""Speed measurements that print numbers (not tests):
+"""Speed and memory figures that print numbers (not tests); training-step figures come from `train.py --benchmark`.
 
     python bench.py scoring [--arch FILE] [--img-size 224] [--depth 12]  # encode 100 images vs score 10,000 pairs
     python bench.py data --data DIR [--size 112]                         # cache + device augmentation vs DataLoader
     python bench.py ddp [--cfg configs/cpu_demo.yaml] [--rounds 6]       # DDP on 2 CPU processes vs one alone
-
-Training-step figures come from `python train.py --cfg FILE --benchmark`.
 """
 import argparse
 import os

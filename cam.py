@@ -1,14 +1,9 @@
-"""Prompt-CAM explanations: where on both faces the prompts found their evidence (promptcam and traits checkpoints).
+"""Explanations: where on both faces a verifier found the evidence for a pair's score (model.Evidence).
 
     python cam.py a.jpg b.jpg [--ckpt ckpt] [--out pair.png]   # a run folder (its best.pt) or a checkpoint
-    python cam.py --pairs test --n 16 --out DIR              # a gallery of twin and genuine test pairs
-    python cam.py --faithfulness --n 64                      # deletion/insertion against random orders
-    python cam.py --trait-hits DATA/traits.json --n 64       # synthetic set: do contrast peaks hit the marks?
-
-Maps are the last block's attention of the identity prompts p(A), p(B) over the image patches, per head:
-cross (p(A) on B, p(B) on A), self (p(A) on A, p(B) on B) and contrast (self minus cross on each image).
-Heads are ranked by Prompt-CAM's greedy blur: the head whose map, made uniform, changes the pair score
-least is dropped first; the last ones left matter most.
+    python cam.py --pairs test --n 16 --out DIR | --faithfulness --n 64 | --trait-hits DATA/traits.json --n 64
+traits: a part per trait prompt with its share of 1 - score; promptcam: a part per head ranked by Prompt-CAM's greedy
+blur; arcface: the score alone. A figure shows where the faces differ, then the most telling parts on both faces.
 """
 import argparse
 import html
@@ -22,22 +17,18 @@ import data
 import plots
 from evaluate import GENUINE, TWIN, protocol_pairs
 from errors import UserError, run_cli
-from model import METHOD_BEFORE_THE_KEY, checkpoint_of_run, read_training_checkpoint, verifier_from_checkpoint
+from model import checkpoint_of_run, read_training_checkpoint, verifier_from_checkpoint
 from tracking import Tracker, tracker_of_checkpoint
 
 
 def load_model(ckpt_path, device):
     ckpt = read_training_checkpoint(ckpt_path)
-    method = ckpt["model_args"].get("method", METHOD_BEFORE_THE_KEY)
-    if method == "arcface":
-        raise UserError(f"{ckpt_path}: a method 'arcface' checkpoint has no prompts, so there are no prompt maps "
-                         f"to draw; cam.py explains traits and promptcam checkpoints (evaluate.py scores every method)")
     model = verifier_from_checkpoint(ckpt, ckpt_path, ckpt["config"]["weights_dir"] or None)
     return model.to(device).eval(), ckpt
 
 
 def read_image(path, size):
-    """Any JPEG/PNG (grayscale, RGBA, any size) prepared exactly as the training cache prepares it."""
+    """Any image file prepared exactly as the training cache prepares it."""
     try:
         return data.load_image(path, size)
     except FileNotFoundError:
@@ -48,40 +39,9 @@ def read_image(path, size):
         raise UserError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
 
 
-@torch.no_grad()
-def encode_pair(model, image_a, image_b, device):
-    enc = model.encode(data.normalize(torch.stack([image_a, image_b]).to(device)))
-    return enc[0], enc[1]
-
-
-@torch.no_grad()
-def rank_heads(model, enc_a, enc_b):
-    """Heads from most to least important by greedy blurring (Prompt-CAM), with the pair score."""
-    H = model.num_heads
-    full, _ = model.pair_maps(enc_a, enc_b)
-    blurred, dropped = torch.zeros(H, dtype=torch.bool), []
-    while len(dropped) < H:
-        change = {}
-        for h in range(H):
-            if not blurred[h]:
-                trial = blurred.clone()
-                trial[h] = True
-                change[h] = abs(model.pair_maps(enc_a, enc_b, trial.to(enc_a.prompt.device))[0] - full)
-        least = min(change, key=change.get)
-        blurred[least] = True
-        dropped.append(least)
-    return dropped[::-1], full
-
-
-@torch.no_grad()
-def explain(model, enc_a, enc_b, top):
-    """Score, ranked heads and maps (heads, grid, grid) as numpy, contrast maps included."""
-    order, score = rank_heads(model, enc_a, enc_b)
-    _, maps = model.pair_maps(enc_a, enc_b)
-    maps = {k: v.float().cpu().numpy() for k, v in maps.items()}
-    maps["contrast_a"] = maps["self_a"] - maps["cross_b_on_a"]
-    maps["contrast_b"] = maps["self_b"] - maps["cross_a_on_b"]
-    return score, order[:top], maps
+def explain_pair(model, image_a, image_b, device):
+    """The verifier's evidence (model.Evidence) on two uint8 images."""
+    return model.evidence(data.normalize(torch.stack([image_a, image_b]).to(device)))
 
 
 def to_photo(image):
@@ -120,129 +80,43 @@ def labelled_rows(header_text, rows):
     return out
 
 
+def verdict(score, threshold):
+    return "no threshold" if threshold is None else ("same" if score >= threshold else "different")
+
+
 def header(name_a, name_b, score, threshold):
-    verdict = "no threshold" if threshold is None else ("same" if score >= threshold else "different")
     return (f"A: {name_a}    B: {name_b}\npair score {score:+.4f}   threshold "
-            f"{'n/a' if threshold is None else f'{threshold:+.4f}'}   verdict: {verdict}")
+            f"{'n/a' if threshold is None else f'{threshold:+.4f}'}   verdict: {verdict(score, threshold)}")
 
 
-def figure(image_a, image_b, name_a, name_b, score, threshold, heads, maps, panel=150):
-    """promptcam: one row per top head: both photos, cross, self and contrast maps, with colour scales."""
+def figure(evidence, image_a, image_b, name_a, name_b, threshold, top, panel=150):
+    """Where the faces differ, then one row per part of the evidence, the `top` most telling: both photos, the
+    part's maps on A and on B and its differences on each face, with their colour scales."""
     photo_a, photo_b = to_photo(image_a), to_photo(image_b)
-    columns = [("p(A) looks on B", "cross_a_on_b", photo_b), ("p(B) looks on A", "cross_b_on_a", photo_a),
-               ("p(A) on A (self)", "self_a", photo_a), ("p(B) on B (self)", "self_b", photo_b),
-               ("contrast on A", "contrast_a", photo_a), ("contrast on B", "contrast_b", photo_b)]
-    rows = []
-    for rank, h in enumerate(heads):
-        attn_max = max(float(maps[k][h].max()) for k in ("cross_a_on_b", "cross_b_on_a", "self_a", "self_b"))
-        contrast_max = max(float(np.abs(maps[k][h]).max()) for k in ("contrast_a", "contrast_b")) or 1e-6
-        tiles = [tile("A", photo_a, panel=panel), tile("B", photo_b, panel=panel)]
-        for title, key, photo in columns:
-            lo, hi, cmap = ((-contrast_max, contrast_max, plots.DIVERGING) if key.startswith("contrast") else
-                            (0, attn_max, plots.SEQUENTIAL))
-            tiles.append(tile(title, photo, maps[key][h], lo, hi, cmap, panel))
-        tiles.append(plots.colour_bar(panel + 18, 0, attn_max, plots.SEQUENTIAL, "attention"))
-        tiles.append(plots.colour_bar(panel + 18, -contrast_max, contrast_max, plots.DIVERGING, "self-cross"))
-        on_faces = (maps["cross_a_on_b"][h].sum() + maps["cross_b_on_a"][h].sum()) / 2
-        rows.append((f"head {h} (rank {rank + 1} by greedy blur): {on_faces:.1%} of the prompts' attention on the "
-                     f"other face's patches", plots.row(tiles, gap=4)))
-    return labelled_rows(header(name_a, name_b, score, threshold), rows)
-
-
-# ---------------------------------------------------------------- verifier v2 (method traits)
-
-@torch.no_grad()
-def read_traits(model, image_a, image_b, device):
-    """The trait prompts on both faces: what was read (the patch keys and final tokens, and both embeddings), the
-    score, each prompt's term of the score and of 1 - score (model.pair_terms; each set adds up to its whole) and
-    each prompt's attention on A and on B averaged over heads, (2, K, grid, grid)."""
-    keys, tokens = model.keys_and_tokens(data.normalize(torch.stack([image_a, image_b]).to(device)))
-    contributions, attn = model.read(keys, tokens)
-    emb = model.embed(contributions)
-    held, apart = (t.cpu().numpy() for t in model.pair_terms(contributions))
-    grid = model.vit.grid
-    maps = attn.float().mean(1).reshape(2, -1, grid, grid).cpu().numpy()
-    return (keys, tokens, emb), float(emb[0] @ emb[1]), held, apart, maps
-
-
-def weighted_maps(weights, maps):
-    """(2, grid, grid): the prompts' maps on A and on B (2, K, grid, grid), weighted (K,) and summed. By each
-    prompt's share of 1 - score it is where the faces differ (a prompt whose difference runs against the pair's
-    has a negative share); by the size of each prompt's term of the score, where the score looks."""
-    return (weights[None, :, None, None] * maps).sum(1)
-
-
-def traits_figure(image_a, image_b, name_a, name_b, score, threshold, apart, maps, top, panel=150):
-    """traits: where the faces differ (every prompt's map weighted by its share of 1 - score), then one row per
-    trait prompt, the one whose reading differs most between the faces first: where it looks on A and on B, and
-    the difference of the two maps on each face."""
-    photo_a, photo_b = to_photo(image_a), to_photo(image_b)
-    differ = weighted_maps(apart, maps)
-    differ_max = float(differ.max()) or 1e-6
-    rows = [(f"where they differ: every prompt's attention times its share of 1 - score = {1 - score:.4f}",
-             plots.row([tile("A", photo_a, panel=panel), tile("B", photo_b, panel=panel),
-                        tile("differs on A", photo_a, differ[0], 0, differ_max, plots.SEQUENTIAL, panel),
-                        tile("differs on B", photo_b, differ[1], 0, differ_max, plots.SEQUENTIAL, panel),
-                        plots.colour_bar(panel + 18, 0, differ_max, plots.SEQUENTIAL, "1 - score")], gap=4))]
-    for k in np.argsort(-apart, kind="stable")[:top]:
-        # the difference on the maps' own scale, so a difference of 1e-6 is not drawn as loud as one of 1
-        attn_max = contrast_max = float(maps[:, k].max()) or 1e-6
-        tiles = [tile("A", photo_a, panel=panel), tile("B", photo_b, panel=panel),
-                 tile("prompt on A", photo_a, maps[0, k], 0, attn_max, plots.SEQUENTIAL, panel),
-                 tile("prompt on B", photo_b, maps[1, k], 0, attn_max, plots.SEQUENTIAL, panel),
-                 tile("on A minus on B", photo_a, maps[0, k] - maps[1, k], -contrast_max, contrast_max,
-                      plots.DIVERGING, panel),
-                 tile("on B minus on A", photo_b, maps[1, k] - maps[0, k], -contrast_max, contrast_max,
-                      plots.DIVERGING, panel),
-                 plots.colour_bar(panel + 18, 0, attn_max, plots.SEQUENTIAL, "attention"),
-                 plots.colour_bar(panel + 18, -contrast_max, contrast_max, plots.DIVERGING, "A-B")]
-        rows.append((f"trait prompt {k}: {apart[k]:.4f} of 1 - score = {1 - score:.4f} "
-                     f"({apart[k] / max(1 - score, 1e-12):.0%})",
-                     plots.row(tiles, gap=4)))
-    return labelled_rows(header(name_a, name_b, score, threshold), rows)
-
-
-def shown(model, wanted):
-    """How many rows a figure can show: heads (promptcam) or trait prompts (traits)."""
-    return min(wanted, len(model.trait_prompts) if model.method == "traits" else model.num_heads)
+    photos = [tile("A", photo_a, panel=panel), tile("B", photo_b, panel=panel)]
+    first = photos
+    if evidence.differ is not None:
+        differ_max = float(evidence.differ.max()) or 1e-6
+        first = photos + [tile("differs on A", photo_a, evidence.differ[0], 0, differ_max, plots.SEQUENTIAL, panel),
+                          tile("differs on B", photo_b, evidence.differ[1], 0, differ_max, plots.SEQUENTIAL, panel),
+                          plots.colour_bar(panel + 18, 0, differ_max, plots.SEQUENTIAL, evidence.differ_label)]
+    rows = [(evidence.caption, plots.row(first, gap=4))]
+    for part in evidence.parts[:top]:
+        d = part.difference_scale
+        tiles = photos + [tile(title, photo, heat, 0, part.scale, plots.SEQUENTIAL, panel)
+                          for title, photo, heat in zip(part.titles, (photo_a, photo_b), part.maps)]
+        tiles += [tile(title, photo, heat, -d, d, plots.DIVERGING, panel)
+                  for title, photo, heat in zip(part.difference_titles, (photo_a, photo_b), part.differences)]
+        tiles += [plots.colour_bar(panel + 18, 0, part.scale, plots.SEQUENTIAL, "attention"),
+                  plots.colour_bar(panel + 18, -d, d, plots.DIVERGING, part.difference_label)]
+        rows.append((part.caption, plots.row(tiles, gap=4)))
+    return labelled_rows(header(name_a, name_b, evidence.score, threshold), rows)
 
 
 def pair_figure(model, image_a, image_b, name_a, name_b, threshold, top, device):
-    """(score, explanation figure) of two uint8 images; top: heads (promptcam) or trait prompts (traits) shown."""
-    if model.method == "traits":
-        _, score, _, apart, maps = read_traits(model, image_a, image_b, device)
-        return score, traits_figure(image_a, image_b, name_a, name_b, score, threshold, apart, maps, top)
-    enc_a, enc_b = encode_pair(model, image_a, image_b, device)
-    score, heads, maps = explain(model, enc_a, enc_b, top)
-    return score, figure(image_a, image_b, name_a, name_b, score, threshold, heads, maps)
-
-
-def evidence(model, image_a, image_b, device, top):
-    """What the map checks need of a pair: its score; each face's contrast map (grid, grid), whose peak should
-    sit on a trait the twins do not share; each face's patches in map order; and curves(order_a, order_b,
-    insertion), the pair score as patches go (or come) in those orders on both faces at once.
-    promptcam: self minus cross of the top heads; traits: where the faces differ (weighted_maps by share), and the
-    order of all prompts' attention weighted by the size of their terms of the score."""
-    if model.method == "traits":
-        (keys, tokens, whole), score, held, apart, maps = read_traits(model, image_a, image_b, device)
-        contrast_a, contrast_b = weighted_maps(apart, maps)
-        # the patches the score leans on most first: each prompt's map weighted by the size of its term of the score
-        leaned_on = weighted_maps(np.abs(held), maps)
-        order_a, order_b = (np.argsort(-m.ravel(), kind="stable") for m in leaned_on)
-
-        @torch.no_grad()
-        def traits_curves(oa, ob, insertion):
-            # as promptcam's two directions: each face, masked, against the other one whole
-            masked_a = model.embed(model.read(keys[:1], tokens[:1], masks(oa, insertion).to(keys.device))[0])
-            masked_b = model.embed(model.read(keys[1:], tokens[1:], masks(ob, insertion).to(keys.device))[0])
-            return ((masked_a @ whole[1] + masked_b @ whole[0]) / 2).cpu().numpy()
-        return score, contrast_a, contrast_b, order_a, order_b, traits_curves
-    enc_a, enc_b = encode_pair(model, image_a, image_b, device)
-    score, heads, maps = explain(model, enc_a, enc_b, top)
-    order_a = np.argsort(-maps["cross_b_on_a"][heads].mean(0).ravel(), kind="stable")
-    order_b = np.argsort(-maps["cross_a_on_b"][heads].mean(0).ravel(), kind="stable")
-    return (score, maps["contrast_a"][heads].mean(0), maps["contrast_b"][heads].mean(0), order_a, order_b,
-            lambda oa, ob, insertion: curves(model, enc_a, enc_b, oa, ob, insertion))
+    """(evidence, explanation figure) of two uint8 images; top: how many parts to draw."""
+    evidence = explain_pair(model, image_a, image_b, device)
+    return evidence, figure(evidence, image_a, image_b, name_a, name_b, threshold, top)
 
 
 def pick_pairs(split, n):
@@ -267,39 +141,17 @@ def gallery(model, ckpt, args, device, tracker):
     split, images = test_images(ckpt, args)
     entries = []
     for i, (a, b, kind) in enumerate(pick_pairs(split, args.n)):
-        score, fig = pair_figure(model, images[a], images[b], split.paths[a], split.paths[b], ckpt["threshold"],
-                                 args.heads, device)
+        evidence, fig = pair_figure(model, images[a], images[b], split.paths[a], split.paths[b], ckpt["threshold"],
+                                    args.heads, device)
         name = f"pair_{i:03d}_{'twin' if kind == TWIN else 'genuine'}"
         fig.save(os.path.join(args.out, name + ".png"))
         tracker.log_image(f"test_{name}", fig, ckpt["epoch"])
-        entries.append((name + ".png", "twin impostor" if kind == TWIN else "genuine", score))
+        entries.append((name + ".png", "twin impostor" if kind == TWIN else "genuine", evidence.score))
     rows = "\n".join(f"<h3>{html.escape(kind)}: score {score:+.4f}</h3><img src='{name}'>" for name, kind, score
                      in entries)
     with open(os.path.join(args.out, "index.html"), "w") as f:
         f.write(f"<html><body><h1>Prompt-CAM gallery ({len(entries)} test pairs)</h1>\n{rows}\n</body></html>\n")
     print(f"wrote {len(entries)} pair pages and index.html to {args.out}")
-
-
-def masks(order, insertion):
-    """(P + 1, P) bool: row k keeps the first k patches of the order (insertion) or all but them (deletion)."""
-    P = len(order)
-    keep = torch.zeros(P + 1, P, dtype=torch.bool)
-    for k in range(P + 1):
-        keep[k, order[:k]] = True
-    return keep if insertion else ~keep
-
-
-@torch.no_grad()
-def curves(model, enc_a, enc_b, order_a, order_b, insertion):
-    """promptcam: pair score as patches are removed (or added) in the given orders, on both images at once."""
-    device = enc_a.prompt.device
-
-    def directed(prompt_enc, image_enc, keep):
-        scores, _ = model.score_prompts(prompt_enc.prompt[None, None], image_enc[None], keep_patches=keep.to(device))
-        return scores[:, 0]
-
-    return ((directed(enc_a, enc_b, masks(order_b, insertion)) + directed(enc_b, enc_a, masks(order_a, insertion)))
-            / 2).float().cpu().numpy()
 
 
 def area(curve):
@@ -316,10 +168,11 @@ def faithfulness(model, ckpt, args, device, n_random=5):
     rng = np.random.default_rng(0)
     results = {k: [] for k in ("deletion_map", "deletion_random", "insertion_map", "insertion_random")}
     for a, b, _ in pick_pairs(split, args.n):
-        score, _, _, order_a, order_b, pair_curves = evidence(model, images[a], images[b], device, args.heads)
+        evidence = explain_pair(model, images[a], images[b], device)
+        order_a, order_b = evidence.orders
         randoms = [(rng.permutation(len(order_a)), rng.permutation(len(order_b))) for _ in range(n_random)]
         for mode, insertion in (("deletion", False), ("insertion", True)):
-            change = lambda oa, ob: area(np.abs(pair_curves(oa, ob, insertion) - score))  # noqa: E731
+            change = lambda oa, ob: area(np.abs(evidence.rescore(oa, ob, insertion) - evidence.score))  # noqa: E731
             results[f"{mode}_map"].append(change(order_a, order_b))
             results[f"{mode}_random"].append(np.mean([change(ra, rb) for ra, rb in randoms]))
     r = {k: np.array(v) for k, v in results.items()}
@@ -348,8 +201,8 @@ def trait_hits(model, ckpt, args, device):
     cell = size / grid
     hits = chance = total = 0
     for a, b, _ in [p for p in pick_pairs(split, 2 * args.n) if p[2] == TWIN][:args.n]:
-        _, contrast_a, contrast_b, _, _, _ = evidence(model, images[a], images[b], device, args.heads)
-        for image, contrast in ((a, contrast_a), (b, contrast_b)):
+        evidence = explain_pair(model, images[a], images[b], device)
+        for image, contrast in zip((a, b), evidence.differ):
             with_mark = patches_with_marks(marks[split.paths[image]], data.image_side(split.paths[image]), size, grid)
             peak = int(np.argmax(contrast))
             hits += peak in with_mark
@@ -381,7 +234,8 @@ def main(argv=None):
     ap.add_argument("--ckpt", default="ckpt", help="a run folder (its best.pt, else last.pt) or a checkpoint file")
     ap.add_argument("--out", help="figure (pair) or folder (gallery); default pair.png / cam_gallery")
     ap.add_argument("--heads", type=int, default=3,
-                    help="how many top-ranked heads (promptcam) or most differing trait prompts (traits) to show")
+                    help="how many parts of the evidence to draw: the most differing trait prompts (traits) or the "
+                         "top-ranked heads (promptcam)")
     ap.add_argument("--pairs", choices=["test"], help="a gallery of test pairs")
     ap.add_argument("--n", type=int, default=16, help="pairs for --pairs, --faithfulness and --trait-hits")
     ap.add_argument("--faithfulness", action="store_true")
@@ -406,8 +260,9 @@ def main(argv=None):
     device = torch.device(args.device)
     args.ckpt = checkpoint_of_run(args.ckpt)
     model, ckpt = load_model(args.ckpt, device)
+    if (args.faithfulness or args.trait_hits) and not model.has_maps:
+        raise UserError(f"{args.ckpt}: method {model.method} has no maps, so there is nothing to check")
     tracker = tracker_of_checkpoint(ckpt, args.ckpt) if args.tracker else Tracker()
-    args.heads = shown(model, args.heads)
     if args.pairs:
         gallery(model, ckpt, args, device, tracker)
     elif args.faithfulness:
@@ -421,9 +276,9 @@ def main(argv=None):
     size = ckpt["config"]["img_size"]
     image_a, image_b = (read_image(p, size) for p in args.images)
     threshold = ckpt["threshold"]
-    score, fig = pair_figure(model, image_a, image_b, *args.images, threshold, args.heads, device)
-    verdict = "no threshold in checkpoint" if threshold is None else ("same" if score >= threshold else "different")
-    print(f"score {score:+.4f}  threshold {'n/a' if threshold is None else f'{threshold:+.4f}'}  verdict: {verdict}")
+    evidence, fig = pair_figure(model, image_a, image_b, *args.images, threshold, args.heads, device)
+    print(f"score {evidence.score:+.4f}  threshold {'n/a' if threshold is None else f'{threshold:+.4f}'}  verdict: "
+          f"{verdict(evidence.score, threshold)}")
     fig.save(args.out)
     print(f"wrote {args.out}")
 

@@ -1,12 +1,9 @@
-"""The exhaustive, deterministic twin protocol.
+"""The exhaustive, deterministic twin protocol: every test image encoded once, every genuine and twin-impostor pair
+(with --all-impostors every cross-person pair) scored from the cache; the threshold is the checkpoint's, chosen on
+validation families, never on the test set; intervals are 95% bootstraps over twin families.
 
     python evaluate.py [--ckpt ckpt] [--out eval] [--all-impostors]   # a run folder (its best.pt) or a checkpoint
     python evaluate.py --ckpt ckpt --out eval_cls --baseline cls     # frozen CLS cosine, no prompts
-
-Every test image is encoded once; every genuine pair and every twin-impostor pair (and, with
---all-impostors, every cross-person pair) is scored from the cache. The threshold comes from the
-checkpoint (chosen on validation families of the training split), never from the test set.
-Intervals: 95% bootstrap over twin families.
 """
 import argparse
 import csv
@@ -21,7 +18,7 @@ import torch
 import data
 import plots
 from errors import run_cli
-from model import Encoding, checkpoint_of_run, load_vit, read_training_checkpoint, verifier_from_checkpoint
+from model import checkpoint_of_run, load_vit, read_training_checkpoint, verifier_from_checkpoint
 from tracking import tracker_of_checkpoint
 
 GENUINE, TWIN, OTHER = 0, 1, 2
@@ -166,7 +163,7 @@ def encode_images(model, images, device, precision="fp32", batch_size=64):
     for i in range(0, len(images), batch_size):
         with autocast(device, precision):
             parts.append(model.encode(data.normalize(images[i:i + batch_size].to(device))))
-    return torch.cat(parts) if torch.is_tensor(parts[0]) else Encoding.cat(parts)  # arcface: embeddings
+    return model.cat_encodings(parts)
 
 
 def verifier_scores(model, images, a, b, device, precision="fp32"):

@@ -8,8 +8,9 @@ embedding), `promptcam` (Prompt-CAM's identity prompts scored by a shared vector
 import hashlib
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -293,17 +294,12 @@ def check_state_dict(expected, state, source):
 
 
 def prompt_rows(vit, prompts, keys, values, first_patch, blurred_heads=None, keep_patches=None):
-    """M prompts through the last block as queries only, each attending to itself and to an image's tokens,
-    never to another prompt: prompts (B, M, D), or (1, M, D) for the same M on every image, against keys and
-    values (B, heads, N, 64). M queries against 1 + N keys, so the attention is formed explicitly (a fused kernel
-    would need the M prompts as keys too, masked); shared prompts get their queries, keys and values once.
-
-    Columns of the attention: the prompt itself, then the N tokens, of which those from first_patch on are
-    patches. Returns the final-normed outputs (B, M, D) and the attention over the patches (B, heads, M, patches).
-    blurred_heads (heads,) bool: those heads' patch attention made uniform with the same mass (Prompt-CAM's
-    blur). keep_patches (B, patches) bool: the others are hidden; with the keys and values of one image,
-    (R, patches) gives R views of it without copying them.
-    """
+    """M prompts (B or 1, M, D) through the last block as queries only, each attending to itself and an image's
+    tokens (keys, values (B, heads, N, 64)), never to another prompt: the final-normed outputs (B, M, D) and the
+    attention over the patches, tokens first_patch on (B, heads, M, patches). blurred_heads (heads,) bool: those
+    heads' patch attention made uniform with the same mass (Prompt-CAM's blur). keep_patches (B or R, patches)
+    bool: the others hidden (R views of one image's keys without copying them). Explicit attention: a fused kernel
+    would need the prompts as keys too, masked."""
     block = vit.blocks[-1]
     q, k, v = block.attn.split_heads(block.norm1(prompts))
     attn = prompt_attention(q, k, keys, first_patch, keep_patches)
@@ -418,9 +414,52 @@ def freeze_backbone(vit, train_blocks):
         vit.norm.requires_grad_(True)
 
 
+@dataclass
+class Part:
+    """One part of a verifier (a trait prompt, a head) on a pair: its maps on face A and on face B (grid, grid) up to
+    `scale`, a signed difference on each face up to +-difference_scale, and a caption saying its share of the score."""
+    caption: str
+    maps: tuple
+    titles: tuple
+    scale: float
+    differences: tuple
+    difference_titles: tuple
+    difference_scale: float
+    difference_label: str
+
+
+@dataclass
+class Evidence:
+    """A verifier's account of a pair, for cam.py to draw and check: the score; its parts, most telling first; where
+    the faces differ (2, grid, grid) with a caption; each face's patches in the order the score leans on them; and
+    rescore(order_a, order_b, insertion), the score as patches go (or come) in those orders. No parts: no maps."""
+    score: float
+    caption: str
+    parts: list = field(default_factory=list)
+    differ: np.ndarray = None
+    differ_label: str = ""
+    orders: tuple = None
+    rescore: object = None
+
+
+def patch_masks(order, insertion):
+    """(P + 1, P) bool: row k keeps the first k patches of the order (insertion) or all but them (deletion)."""
+    P = len(order)
+    keep = torch.zeros(P + 1, P, dtype=torch.bool)
+    for k in range(P + 1):
+        keep[k, order[:k]] = True
+    return keep if insertion else ~keep
+
+
+def weighted_maps(weights, maps):
+    """(2, grid, grid): maps on A and on B (2, K, grid, grid) weighted (K,) and summed."""
+    return (weights[None, :, None, None] * maps).sum(1)
+
+
 class Verifier(nn.Module):
     """What every method shares: a partly frozen ViT, and checkpoints that hold the trainable weights only."""
     method = None
+    has_maps = True  # whether its evidence on a pair has parts with maps
 
     def __init__(self, vit: ViT, train_blocks):
         super().__init__()
@@ -467,6 +506,10 @@ class CosineVerifier(Verifier):
         a, b = torch.as_tensor(a, dtype=torch.long), torch.as_tensor(b, dtype=torch.long)
         return (emb[a] * emb[b]).sum(-1)
 
+    @staticmethod
+    def cat_encodings(parts):
+        return torch.cat(parts)
+
 
 class ArcFaceVerifier(CosineVerifier):
     """The conventional yardstick, as face recognition nets end (ArcFace's flattened last feature map): each
@@ -474,6 +517,7 @@ class ArcFaceVerifier(CosineVerifier):
     normalised. A pooled embedding (CLS and mean patch) loses where a mark is, which is what tells twins with
     marks at random places apart: pooled, it stayed at chance on them (README, ablation)."""
     method = "arcface"
+    has_maps = False
 
     def __init__(self, vit: ViT, num_classes, train_blocks=0, margin=0.3, scale=30.0):
         super().__init__(vit, train_blocks, margin, scale)
@@ -487,24 +531,19 @@ class ArcFaceVerifier(CosineVerifier):
         patches = self.vit(images)[:, self.vit.num_prefix:]
         return F.normalize(self.project(self.reduce(patches).flatten(1)).float(), dim=-1)
 
+    @torch.no_grad()
+    def evidence(self, pair):
+        """The score of a normalised pair (2, 3, H, W); no maps: the yardstick's score is one cosine."""
+        emb = self.encode(pair)
+        return Evidence(float(emb[0] @ emb[1]), "arcface has no maps: its score is the cosine of two embeddings")
+
 
 class TraitPromptVerifier(CosineVerifier):
-    """Verifier v2, the default (see the README's ablation table): K class-agnostic trait prompts read the
-    face's patches (never CLS or registers) with the last block's attention. They tile the face: prompt k attends
-    only to itself and the patches of cell k of a sqrt(K) x sqrt(K) grid, so the embedding keeps where each mark is
-    (pooled over the whole face it did not, and twins told apart by marks at random places stayed at chance; a
-    learned bias toward the cell lost to a pre-trained backbone's keys, which drew every prompt to the same few
-    patches). A prompt reads its attention's average of its cell's final patch tokens (attending to itself reads
-    nothing): read through the last block's values as a token of it, the prompts lost most of what the final
-    tokens hold (README, stop 19). What it read, reduced to FLAT_CHANNELS numbers by a map all prompts share and
-    projected by its own map, is its contribution; the embedding is the sum of the K contributions, normalised, so
-    the prompts' readings mix as the yardstick's cells do (kept apart, one part per prompt, v2 learned the twins
-    more slowly: README, stop 19). A pair's cosine and 1 - cosine still split exactly into one term per prompt
-    (pair_terms). The training identities' class prompts are the margin loss's class centres, free parameters:
-    injected into the last block as Prompt-CAM does, they lost on a pre-trained backbone, and as a Prompt-CAM
-    training head beside the margin loss they did not learn through a frozen one (README, stops 19 and 20). The loss
-    and the pair score are arcface's; only the embedding differs: with one patch per cell and every prompt's
-    attention on its patch, it is the yardstick's less the projection's bias."""
+    """The default verifier: K trait prompts tile the face, each attending with the last block's attention to the
+    patches of its own cell and reading their final tokens; the embedding is the normalised sum of the K
+    contributions, so a pair's cosine and 1 - cosine split exactly into one term per prompt (pair_terms). Trained
+    with an ArcFace margin against the training identities' class prompts, kept as free class centres: why, and
+    what the tiling and the reading replaced, is in docs/experiments.md."""
     method = "traits"
 
     def __init__(self, vit: ViT, num_classes, deep_prompts=4, train_blocks=0, trait_prompts=36, margin=0.3,
@@ -564,9 +603,44 @@ class TraitPromptVerifier(CosineVerifier):
     def encode(self, images):
         return self.embed(self.read(*self.keys_and_tokens(images))[0])
 
+    @torch.no_grad()
+    def evidence(self, pair):
+        """A normalised pair (2, 3, H, W) as its trait prompts see it: one part per prompt, the largest share of
+        1 - score first; where the faces differ is every prompt's attention (mean over heads) times its share."""
+        keys, tokens = self.keys_and_tokens(pair)
+        contributions, attn = self.read(keys, tokens)
+        whole = self.embed(contributions)
+        score = float(whole[0] @ whole[1])
+        held, apart = (t.cpu().numpy() for t in self.pair_terms(contributions))
+        maps = attn.float().mean(1).reshape(2, -1, self.vit.grid, self.vit.grid).cpu().numpy()
+        parts = []
+        for k in np.argsort(-apart, kind="stable"):
+            # the difference on the maps' own scale, so a difference of 1e-6 is not drawn as loud as one of 1
+            scale = float(maps[:, k].max()) or 1e-6
+            parts.append(Part(f"trait prompt {k}: {apart[k]:.4f} of 1 - score = {1 - score:.4f} "
+                              f"({apart[k] / max(1 - score, 1e-12):.0%})", (maps[0, k], maps[1, k]),
+                              ("prompt on A", "prompt on B"), scale, (maps[0, k] - maps[1, k], maps[1, k] - maps[0, k]),
+                              ("on A minus on B", "on B minus on A"), scale, "A-B"))
+        leaned_on = weighted_maps(np.abs(held), maps)  # each prompt's map weighted by the size of its term of the score
+
+        @torch.no_grad()
+        def rescore(order_a, order_b, insertion):
+            """Each face masked, against the other one whole."""
+            masked = [self.embed(self.read(keys[i:i + 1], tokens[i:i + 1],
+                                           patch_masks(order, insertion).to(keys.device))[0])
+                      for i, order in enumerate((order_a, order_b))]
+            return ((masked[0] @ whole[1] + masked[1] @ whole[0]) / 2).cpu().numpy()
+        return Evidence(score, f"where they differ: every prompt's attention times its share of 1 - score = "
+                               f"{1 - score:.4f}", parts, weighted_maps(apart, maps), "1 - score",
+                        tuple(np.argsort(-m.ravel(), kind="stable") for m in leaned_on), rescore)
+
 
 class PromptCamVerifier(Verifier):
+    """Prompt-CAM's mechanism, open-set: training identities own class prompts, a generator makes a prompt p(x) for
+    any face, and a shared vector w scores a prompt through the last block, s(p; x) = w . LN(block_L([p; x])_p); a
+    pair scores (s(p(A); B) + s(p(B); A)) / 2, with no identity at test time."""
     method = "promptcam"
+    EVIDENCE_HEADS = 3  # the top heads by greedy blur whose mean contrast is where the faces differ
 
     def __init__(self, vit: ViT, num_classes, deep_prompts=4, train_blocks=0):
         super().__init__(vit, train_blocks)
@@ -599,26 +673,31 @@ class PromptCamVerifier(Verifier):
         return out @ self.score_w, attn
 
     def forward(self, images):
-        """Training view: scores of every training identity's prompt and of every image's generated
-        prompt on every image in the batch. Returns (class_scores (B, C), pair_scores (B, B), p(x) (B, D));
-        pair_scores[i, j] is the symmetric score of images i and j."""
+        """Training view: scores of every training identity's prompt and of every image's generated prompt on every
+        image in the batch: (class_scores (B, C), pair_scores (B, B), p(x) (B, D), the class prompts (C, D)), where
+        pair_scores[i, j] is the symmetric score of images i and j. The class prompts pass through the forward so
+        that the pull term's gradient is part of the step DDP reduces."""
         enc = self.encode(images)
         class_scores, _ = self.score_prompts(self.class_prompts[None], enc)
         directed, _ = self.score_prompts(enc.prompt[None], enc)  # [j, i] = s(p(x_i); x_j)
-        return class_scores, (directed + directed.T) / 2, enc.prompt
+        return class_scores, (directed + directed.T) / 2, enc.prompt, self.class_prompts
 
     def loss_terms(self, outputs, labels):
         """Cross-entropy over the training identities' prompts (literal Prompt-CAM); an episodic term where
         each image's generated prompt must pick out the same person among the batch (siblings included);
         and a pull of p(x) toward its identity's prompt P_y."""
-        class_scores, pair_scores, prompts = outputs
+        class_scores, pair_scores, prompts, class_prompts = outputs
         ce = F.cross_entropy(class_scores.float(), labels)
         eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
         logits = pair_scores.float().masked_fill(eye, float("-inf"))
         positive = (labels[:, None] == labels[None]) & ~eye
         episodic = (logits.logsumexp(1) - logits.masked_fill(~positive, float("-inf")).logsumexp(1)).mean()
-        pull = (prompts.float() - self.class_prompts[labels].float()).pow(2).mean()
+        pull = (prompts.float() - class_prompts[labels].float()).pow(2).mean()
         return {"class": ce, "episodic": episodic, "pull": pull}
+
+    @staticmethod
+    def cat_encodings(parts):
+        return Encoding.cat(parts)
 
     @torch.no_grad()
     def score_pairs(self, enc: Encoding, a, b, chunk=4096):
@@ -651,6 +730,59 @@ class PromptCamVerifier(Verifier):
                 "cross_a_on_b": on_b[0, :, 0].reshape(shape), "self_b": on_b[0, :, 1].reshape(shape)}
         score = (on_b_s[0, 0] + on_a_s[0, 1]) / 2  # s(p(A); B) and s(p(B); A)
         return float(score), maps
+
+
+    @torch.no_grad()
+    def rank_heads(self, enc_a, enc_b):
+        """Heads from most to least important by Prompt-CAM's greedy blur (the head whose map, made uniform, changes
+        the pair score least is dropped first), with the pair score."""
+        H = self.num_heads
+        full, _ = self.pair_maps(enc_a, enc_b)
+        blurred, dropped = torch.zeros(H, dtype=torch.bool), []
+        while len(dropped) < H:
+            change = {}
+            for h in range(H):
+                if not blurred[h]:
+                    trial = blurred.clone()
+                    trial[h] = True
+                    change[h] = abs(self.pair_maps(enc_a, enc_b, trial.to(enc_a.prompt.device))[0] - full)
+            least = min(change, key=change.get)
+            blurred[least] = True
+            dropped.append(least)
+        return dropped[::-1], full
+
+    @torch.no_grad()
+    def evidence(self, pair):
+        """A normalised pair (2, 3, H, W) as its identity prompts see it: one part per head, ranked by greedy blur,
+        with where each face's prompt looks on the other face and self minus cross on each face."""
+        enc = self.encode(pair)
+        enc_a, enc_b = enc[0], enc[1]
+        heads, score = self.rank_heads(enc_a, enc_b)
+        maps = {k: v.float().cpu().numpy() for k, v in self.pair_maps(enc_a, enc_b)[1].items()}
+        contrast = (maps["self_a"] - maps["cross_b_on_a"], maps["self_b"] - maps["cross_a_on_b"])
+        parts = []
+        for rank, h in enumerate(heads):
+            on_faces = (maps["cross_a_on_b"][h].sum() + maps["cross_b_on_a"][h].sum()) / 2
+            parts.append(Part(f"head {h} (rank {rank + 1} by greedy blur): {on_faces:.1%} of the prompts' attention on "
+                              f"the other face's patches", (maps["cross_b_on_a"][h], maps["cross_a_on_b"][h]),
+                              ("p(B) looks on A", "p(A) looks on B"),
+                              max(float(maps[k][h].max()) for k in ("cross_a_on_b", "cross_b_on_a", "self_a", "self_b")),
+                              (contrast[0][h], contrast[1][h]), ("contrast on A", "contrast on B"),
+                              max(float(np.abs(c[h]).max()) for c in contrast) or 1e-6, "self-cross"))
+        top = heads[:self.EVIDENCE_HEADS]
+        orders = tuple(np.argsort(-maps[k][top].mean(0).ravel(), kind="stable") for k in ("cross_b_on_a", "cross_a_on_b"))
+
+        @torch.no_grad()
+        def rescore(order_a, order_b, insertion):
+            """Each face's prompt scored on the other face, masked."""
+            def directed(prompt_enc, image_enc, keep):
+                scores, _ = self.score_prompts(prompt_enc.prompt[None, None], image_enc[None],
+                                               keep_patches=keep.to(pair.device))
+                return scores[:, 0]
+            return ((directed(enc_a, enc_b, patch_masks(order_b, insertion))
+                     + directed(enc_b, enc_a, patch_masks(order_a, insertion))) / 2).float().cpu().numpy()
+        return Evidence(score, f"where they differ: self minus cross of the top {len(top)} heads by greedy blur",
+                        parts, np.stack([c[top].mean(0) for c in contrast]), "self-cross", orders, rescore)
 
 
 METHODS = ("promptcam", "arcface", "traits")

@@ -1,15 +1,9 @@
-"""Train a twin verifier: trait prompts (traits, the default), Prompt-CAM's identity prompts (promptcam) or the
-ArcFace yardstick (arcface).
+"""Train a twin verifier (method traits, promptcam or arcface) in one process or under torchrun's DDP.
 
-    python train.py --cfg configs/cpu_demo.yaml
-    python train.py --cfg configs/cpu_demo.yaml --cfg configs/synth_random.yaml   # later files override earlier
-    torchrun --nproc_per_node 2 train.py --cfg configs/t4x2.yaml
-    python train.py --resume ckpt/last.pt          # with any number of processes
-    python train.py --cfg FILE --resume auto       # this run's newest checkpoint, or a fresh start
-    python train.py --cfg FILE --benchmark [STEPS] # timed steps (20): images/s, phase shares, peak memory
-
-Every config key can be overridden as `--key value`. Each epoch writes out_dir/last.pt (the one before it kept as
-previous.pt), and best.pt when the validation EER improves, atomically.
+    torchrun --nproc_per_node 2 train.py --cfg configs/t4x2.yaml   # or python train.py --cfg FILE [--cfg FILE ...]
+    python train.py --resume ckpt/last.pt        # with any number of processes; --resume auto: this run's newest
+    python train.py --cfg FILE --check           # or --benchmark [STEPS]: will it fit, how fast, before a long run
+Any config key can be overridden as `--key value`. Each epoch writes out_dir/last.pt, and best.pt when it improves.
 """
 import argparse
 import gc
@@ -713,7 +707,7 @@ def finish(run):
               f"next:\n  python evaluate.py --ckpt {out_dir} --out eval\n"
               + (f"  python cam.py {pair[0]} {pair[1]} --ckpt {out_dir}\n"
                  f"  python cam.py --pairs test --n 16 --ckpt {out_dir} --out cam_gallery"
-                 if run.raw.method != "arcface" else "  (arcface has no prompts, so no maps to draw)"))
+                 if run.raw.has_maps else f"  python cam.py {pair[0]} {pair[1]} --ckpt {out_dir}   # the score alone"))
 
 
 def example_pair(cfg):
@@ -731,10 +725,10 @@ def log_validation_figures(tracker, raw, val, val_images, val_split, device, epo
     validation twin pair, so a run can be watched in the tracker."""
     tracker.log_image("val_roc", evaluate.roc_figure(val["scores"], val["kind"], f"validation, epoch {epoch + 1}"),
                       epoch)
-    if raw.method != "arcface":
+    if raw.has_maps:
         a, b, _ = cam.pick_pairs(val_split, 1)[0]  # the first twin-impostor pair of the protocol
         _, figure = cam.pair_figure(raw, val_images[a], val_images[b], val_split.paths[a], val_split.paths[b],
-                                    val["threshold"], cam.shown(raw, 3), device)
+                                    val["threshold"], 3, device)
         tracker.log_image("val_explanation", figure, epoch)
 
 

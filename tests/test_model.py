@@ -57,7 +57,7 @@ def test_pair_score_is_a_function_of_the_two_images(verifier):
     torch.manual_seed(1)
     x = torch.randn(6, 3, 56, 56)
     with torch.no_grad():
-        _, pair_scores, _ = verifier(x)  # uncached: the training forward
+        _, pair_scores, _, _ = verifier(x)  # uncached: the training forward
         enc = verifier.encode(x)
         a, b = torch.tensor([0, 1, 2, 3, 4]), torch.tensor([1, 2, 3, 4, 5])
         cached = verifier.score_pairs(enc, a, b)
@@ -115,7 +115,7 @@ def test_backbone_is_frozen_and_gets_no_gradient(verifier):
     verifier.train()
     frozen = [p for p in verifier.vit.parameters()]
     assert all(not p.requires_grad for p in frozen)
-    class_scores, pair_scores, prompts = verifier(torch.randn(4, 3, 56, 56))
+    class_scores, pair_scores, prompts, _ = verifier(torch.randn(4, 3, 56, 56))
     (class_scores.sum() + pair_scores.sum() + prompts.sum()).backward()
     assert all(p.grad is None for p in frozen)
     assert verifier.deep_prompts.grad is not None and verifier.class_prompts.grad is not None
