@@ -1,10 +1,11 @@
 """Speed and memory figures that print numbers (not tests); training-step figures come from `train.py --benchmark`.
 
-    python bench.py scoring [--arch FILE] [--img-size 224] [--depth 12]  # encode 100 images vs score 10,000 pairs
-    python bench.py data --data DIR [--size 112]                         # cache + device augmentation vs DataLoader
-    python bench.py ddp [--cfg configs/cpu_demo.yaml] [--rounds 6]       # DDP on 2 CPU processes vs one alone
+    python bench.py memory --cfg configs/t4x2.yaml      # peak training memory per process, estimated without a GPU
+    python bench.py scoring [--arch FILE]               # encode 100 images vs score 10,000 pairs
+    python bench.py data --data DIR | ddp [--cfg FILE]  # cache + device augmentation vs DataLoader; DDP vs one process
 """
 import argparse
+import functools
 import os
 import re
 import statistics
@@ -15,7 +16,9 @@ import time
 import torch
 
 import data
-from errors import run_cli
+import evaluate
+import model
+from errors import UserError, run_cli
 from model import Encoding, PromptCamVerifier, ViT, ViTConfig, load_vit
 
 
@@ -130,6 +133,101 @@ def ddp(args):
                       for name, x in (("two independent", pair), ("DDP", distributed))))
 
 
+ND_TWIN_TRAIN_IMAGES = 6182  # the real training split (tests/fixtures/nd_twin_split_structure.json)
+
+
+def saved_bytes(model, batch, precision, img_size):
+    """Bytes autograd keeps for backward from one training forward of `batch` random images, parameters aside
+    (they are counted once, as weights): every saved tensor's storage, counted once."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+    x = torch.randn(batch, 3, img_size, img_size)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), evaluate.autocast(torch.device("cpu"), precision):
+        model.loss_terms(model(x), torch.arange(batch) % 8)
+    return sum(seen.values())
+
+
+def per_image_and_fixed(model, precision, img_size):
+    one, two = (saved_bytes(model, b, precision, img_size) for b in (1, 2))
+    return two - one, 2 * one - two
+
+
+def arch_shape(cfg):
+    """The backbone's shape by its name: what the memory estimate needs, with no weights at hand."""
+    if cfg["arch"] not in model.ARCH_SHAPES:
+        raise UserError(f"arch {cfg['arch']!r}: the estimate needs a backbone by name ({', '.join(model.ARCH_SHAPES)}); "
+                        f"for a checkpoint file, `python train.py --cfg ... --check` reads its shape")
+    return {k: v for k, v in model.ARCH_SHAPES[cfg["arch"]].items() if k != "native_grid"}
+
+
+def config_model(cfg, shape, embed_dim=None):
+    """The verifier a config trains, with fresh weights; embed_dim narrows it (same depth, tokens and method)."""
+    shape = {**shape, "embed_dim": embed_dim or shape["embed_dim"]}
+    vit = ViT(ViTConfig(img_size=cfg["img_size"], **shape))
+    vit.init_weights(torch.Generator().manual_seed(0))
+    vit.family, vit.fingerprint = "dinov2", "random"
+    return model.build_verifier(vit, cfg["img_size"], 8, cfg["deep_prompts"], cfg["train_blocks"], cfg["method"],
+                                cfg["margin"], cfg["scale"], cfg["trait_prompts"])
+
+
+MODEL_KEYS = ("img_size", "deep_prompts", "train_blocks", "method", "margin", "scale", "trait_prompts")
+
+
+@functools.lru_cache(maxsize=None)
+def backward_bytes(model_key, shape_items, precision):
+    """(bytes saved per image, bytes saved per step, parameters, trainable parameters) of a model: measured on this
+    CPU for the exact model in fp32, scaled to 16 bits by the ratios a narrow twin of it (embed 128) shows under bf16
+    autocast (fp16 saves the same sizes; the 16-bit copies of weights grow with the square of the width)."""
+    cfg, shape = dict(zip(MODEL_KEYS, model_key)), dict(shape_items)
+    torch.manual_seed(0)
+    full = config_model(cfg, shape).train()
+    per_image, fixed = per_image_and_fixed(full, "fp32", cfg["img_size"])
+    if precision in ("fp16", "bf16"):
+        narrow = config_model(cfg, shape, embed_dim=128).train()
+        narrow_fp32, narrow_fixed32 = per_image_and_fixed(narrow, "fp32", cfg["img_size"])
+        narrow_16, narrow_fixed16 = per_image_and_fixed(narrow, "bf16", cfg["img_size"])
+        per_image, fixed = (per_image * narrow_16 / narrow_fp32, fixed * narrow_16 / narrow_fp32
+                            + max(0, narrow_fixed16 - narrow_fixed32) * (shape["embed_dim"] / 128) ** 2)
+    return (per_image, fixed, sum(p.numel() for p in full.parameters()),
+            sum(p.numel() for p in full.parameters() if p.requires_grad))
+
+
+def training_memory(cfg, shape, gpu_gib=None, precision=None):
+    """Estimated peak training memory per process in GiB, by part: weights (fp32), gradients and AdamW's two moments
+    of what trains (fp32), the image cache when it would sit on the GPU (ND TWIN's training images), and what
+    autograd saves for backward (backward_bytes), a third more for backward's transient buffers."""
+    per_image, fixed, n_all, n_train = backward_bytes(tuple(cfg[k] for k in MODEL_KEYS), tuple(sorted(shape.items())),
+                                                      precision)
+    cache = ND_TWIN_TRAIN_IMAGES * 3 * cfg["img_size"] ** 2
+    on_gpu = cfg["cache_device"] == "cuda" or (cfg["cache_device"] == "auto" and gpu_gib and cache < 0.25 * gpu_gib * 2**30)
+    parts = {"weights": 4 * n_all, "gradients and AdamW": 12 * n_train, "image cache": cache if on_gpu else 0,
+             "saved for backward": (fixed + per_image * cfg["batch_size"]) * 4 / 3}
+    return {k: v / 2**30 for k, v in parts.items()}, n_train
+
+
+def memory(args):
+    """Peak training memory per process of a config, estimated with no GPU, no data and no weights."""
+    import train
+    cfg = train.load_config(args.cfg, {})
+    gpu_gib, gpu_precision = train.GPUS.get(cfg["gpu"], (None, "fp32"))
+    precision = gpu_precision if cfg["precision"] == "auto" else cfg["precision"]
+    parts, n_train = training_memory(cfg, arch_shape(cfg), gpu_gib, precision)
+    total = sum(parts.values())
+    print(f"{' + '.join(args.cfg)}: {cfg['method']}, {cfg['arch']} at {cfg['img_size']} px, batch {cfg['batch_size']} "
+          f"per process, {precision}, train_blocks {cfg['train_blocks']} ({n_train:,} trainable parameters)")
+    for name, gib in parts.items():
+        print(f"  {name:<22} {gib:6.2f} GiB")
+    target = f"{cfg['gpu']}: {gpu_gib:.1f} GiB" if gpu_gib else "no `gpu` in the config"
+    print(f"  {'estimated peak':<22} {total:6.2f} GiB per process ({target}; plus ~0.4 GiB of CUDA context)")
+    return 1 if gpu_gib and total + 0.4 > gpu_gib else 0
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
@@ -142,12 +240,14 @@ def main(argv=None):
     d.add_argument("--size", type=int, default=112)
     d.add_argument("--batch-size", type=int, default=64)
     d.add_argument("--batches", type=int, default=20)
+    m = sub.add_parser("memory")
+    m.add_argument("--cfg", action="append", required=True, help="a training config; repeat to layer files")
     g = sub.add_parser("ddp")
     g.add_argument("--cfg", default="configs/cpu_demo.yaml", help="a training config whose data exists")
     g.add_argument("--rounds", type=int, default=6)
     g.add_argument("--steps", type=int, default=60, help="timed steps per run")
     args = ap.parse_args(argv)
-    {"scoring": scoring, "data": data_loading, "ddp": ddp}[args.command](args)
+    return {"scoring": scoring, "data": data_loading, "ddp": ddp, "memory": memory}[args.command](args)
 
 
 if __name__ == "__main__":

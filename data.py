@@ -250,7 +250,7 @@ def end_with_parent(parent):
     if sys.platform.startswith("linux"):
         PR_SET_PDEATHSIG = 1
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent:  # the parent died before the signal was asked for
+    if os.getppid() != parent:  # the parent died before prctl took effect
         os._exit(1)
 
 

@@ -38,9 +38,26 @@ UNUSED_CHECKPOINT_KEYS = {"mask_token"}
 # Backbones with no pre-trained weights, trained whole from a fixed initialisation (the CPU demo).
 SCRATCH_ARCHS = {"scratch_vit_tiny14": dict(embed_dim=128, depth=3, patch_size=14),
                  "scratch_vit_tiny14_conv": dict(embed_dim=128, depth=3, patch_size=14, conv_stem=True)}
-# The patch size of each backbone known by name (a checkpoint file's is read from it).
-ARCH_PATCH = {**{name: 16 if name.startswith("dino_") else 14 for name in OFFICIAL_URLS},
-              **{name: shape["patch_size"] for name, shape in SCRATCH_ARCHS.items()}}
+# The shape of each backbone known by name, from the official model definitions (a checkpoint file's is read from
+# it): what the config checks and the memory estimate need before any weights are at hand.
+ARCH_SHAPES = {
+    **{f"dinov2_vit{size}14{reg}": dict(embed_dim=dim, depth=depth, patch_size=14, num_registers=4 if reg else 0,
+                                        layerscale=True, native_grid=37)
+       for size, dim, depth in (("s", 384, 12), ("b", 768, 12), ("l", 1024, 24)) for reg in ("", "_reg4")},
+    "dino_vits16": dict(embed_dim=384, depth=12, patch_size=16, num_registers=0, layerscale=False, native_grid=14),
+    "dino_vitb16": dict(embed_dim=768, depth=12, patch_size=16, num_registers=0, layerscale=False, native_grid=14),
+    **{name: dict(shape, num_registers=0, layerscale=False, native_grid=None) for name, shape in SCRATCH_ARCHS.items()}}
+
+
+def random_vit(arch, img_size, seed=0):
+    """A ViT of a named architecture with fresh weights (DINOv2's initialisation): the exact model of a config, with
+    no download, for memory estimates and rehearsals."""
+    shape = {k: v for k, v in ARCH_SHAPES[arch].items() if k != "native_grid"}
+    vit = ViT(vit_config(arch, img_size, **shape))
+    vit.init_weights(torch.Generator().manual_seed(seed))
+    vit.family = "dino" if arch.startswith("dino_") else "dinov2_reg" if shape["num_registers"] else "dinov2"
+    vit.fingerprint = backbone_fingerprint(vit.state_dict())
+    return vit
 STEM_CHANNELS, STEM_STRIDE = 32, 2
 FLAT_CHANNELS = 32  # arcface: numbers per patch token in its flattened grid (the head stays small at 448 px)
 
@@ -268,10 +285,8 @@ def vit_config(source, img_size, **shape):
 
 
 def scratch_vit(name, img_size):
-    vit = ViT(vit_config(name, img_size, **SCRATCH_ARCHS[name], num_registers=0, layerscale=False))
-    vit.init_weights(torch.Generator().manual_seed(0))
+    vit = random_vit(name, img_size)
     vit.family = "scratch"
-    vit.fingerprint = backbone_fingerprint(vit.state_dict())
     return vit
 
 
@@ -791,8 +806,9 @@ METHOD_BEFORE_THE_KEY = "promptcam"  # what checkpoints saved before `method` ex
 
 def build_verifier(arch, img_size, num_classes, deep_prompts, train_blocks, method=METHOD_BEFORE_THE_KEY, margin=0.3,
                    scale=30.0, trait_prompts=36, weights_dir=None):
-    """The verifier a config describes; arcface reads no prompts, promptcam no margin, scale or trait prompts."""
-    vit = load_vit(arch, img_size, weights_dir)
+    """The verifier a config describes (arch: a backbone name, URL or file, or a ViT already built); arcface reads no
+    prompts, promptcam no margin, scale or trait prompts."""
+    vit = arch if isinstance(arch, ViT) else load_vit(arch, img_size, weights_dir)
     if vit.family == "scratch" and train_blocks != vit.cfg.depth:
         raise UserError(f"{arch} has no pre-trained weights, so it trains whole: set train_blocks to its depth "
                          f"{vit.cfg.depth} (got {train_blocks})")

@@ -25,7 +25,7 @@ import cam
 import data
 import evaluate
 from errors import UserError, run_cli
-from model import (ARCH_PATCH, METHOD_BEFORE_THE_KEY, METHODS, build_verifier, official_backbone_state,
+from model import (ARCH_SHAPES, METHOD_BEFORE_THE_KEY, METHODS, build_verifier, official_backbone_state,
                    read_training_checkpoint)
 from progress import Progress, format_seconds
 from tracking import make_tracker
@@ -46,13 +46,18 @@ DEFAULTS = {
     "out_dir": "ckpt", "resume_dirs": "", "tracker": "none", "run_name": "", "mlflow_uri": "",
     "mlflow_experiment": "", "wandb_project": "twin-verification", "wandb_entity": "",
     "log_images_every": 5,  # epochs between the validation ROC and explanation figures sent to the tracker; 0: never
+    "gpu": "",  # the GPU a config is meant for: --check and bench.py memory compare the run's memory with it
 }
+# The GPUs of the shipped configs: memory as torch reports it (GiB), and the precision `auto` picks on them (bf16 from
+# sm_80 on, else fp16 with a gradient scaler).
+GPUS = {"t4": (14.6, "fp16"), "p100": (15.9, "fp16"), "2080ti": (10.7, "fp16"), "a100": (39.4, "bf16"),
+        "h100": (79.1, "bf16")}
 CHOICES = {"method": METHODS, "cache_device": ("auto", "cuda", "cpu"), "precision": ("auto", "fp32", "fp16", "bf16"),
-           "compile": ("auto", "true", "false"), "tracker": ("none", "mlflow", "wandb")}
+           "compile": ("auto", "true", "false"), "tracker": ("none", "mlflow", "wandb"), "gpu": ("", *GPUS)}
 # What a resumed run may change: where things are and how they are tracked, never what is trained.
 RESUMABLE = {"epochs", "out_dir", "resume_dirs", "cache_dir", "cache_device", "path_remap", "weights_dir", "compile",
              "tracker", "run_name", "mlflow_uri", "mlflow_experiment", "wandb_project", "wandb_entity",
-             "log_images_every", "train_info", "train_pairs", "test_info", "test_pairs"}
+             "log_images_every", "train_info", "train_pairs", "test_info", "test_pairs", "gpu"}
 CHECKPOINTS = ("last.pt", "previous.pt")  # what a run leaves to resume from: this epoch's and the one before
 
 
@@ -137,7 +142,7 @@ def load_config(cfg_paths, overrides, base=None):
 def config_problems(cfg):
     """One line per config value out of range (all of them), before any image is read."""
     finite = lambda k: math.isfinite(cfg[k])  # noqa: E731
-    K, patch = cfg["images_per_person"], ARCH_PATCH.get(cfg["arch"])
+    K, patch = cfg["images_per_person"], ARCH_SHAPES.get(cfg["arch"], {}).get("patch_size")
     checks = [("epochs", cfg["epochs"] >= 1, "must be at least 1"),
               ("images_per_person", K >= (2 if cfg["method"] == "promptcam" else 1),
                "must be at least 1 (2 with method promptcam, whose episodic loss needs a same-person pair)"),
@@ -266,6 +271,9 @@ def configure(argv):
     ap.add_argument("--time-budget", help="stop cleanly before the next epoch would pass it, e.g. 11h30m")
     ap.add_argument("--benchmark", nargs="?", const=20, type=int, metavar="STEPS",
                     help="time STEPS training steps (default 20) instead of training")
+    ap.add_argument("--check", action="store_true",
+                    help="preflight: config, data, weights and model as training has them, a few steps at the config's "
+                         "batch size; prints speed, memory and the run's wall time; writes no checkpoint")
     args, rest = ap.parse_known_args(argv)
     if args.benchmark is not None and args.benchmark < 1:
         raise UserError(f"--benchmark {args.benchmark}: time at least one step")
@@ -278,7 +286,7 @@ def configure(argv):
                                        for p in [data.unwritable(cfg[key], key)] if p]
     if problems:
         raise UserError(f"{len(problems)} problem(s) with the config:\n  " + "\n  ".join(problems))
-    if resume is None and not args.benchmark:
+    if resume is None and not (args.benchmark or args.check):
         refuse_to_overwrite(cfg["out_dir"])
     return args, cfg, resume
 
@@ -750,8 +758,8 @@ def main(argv=None):
     procs = start_processes(cfg)
     train_set = load_train_set(cfg, procs, resume)
     run = start_run(cfg, train_set, procs, resume)
-    if args.benchmark:
-        return benchmark(run, steps=args.benchmark)
+    if args.check or args.benchmark:
+        return preflight(run, args.budget) if args.check else benchmark(run, steps=args.benchmark)
     run.tracker = start_tracking(run)
     for epoch in range(run.first_epoch, cfg["epochs"]):
         train_epoch(run, epoch)
@@ -811,6 +819,60 @@ def largest_batch(raw, images, labels, K, device, precision, log):
     chosen = int(lo * 0.9) // step * step or step  # headroom for fragmentation and validation
     log(f"batch_size auto: {lo} images fit in {torch.cuda.get_device_name(device)}; using {chosen}")
     return chosen
+
+
+def preflight(run, budget, steps=3):
+    """--check: a few training steps at the config's batch size on this device, then what the whole run needs: speed,
+    peak memory per process (measured on a GPU; on a CPU estimated, before the steps) against the GPU it is meant for,
+    and wall time against the time budget. Non-zero when the batch would not fit."""
+    cfg, procs, device = run.cfg, run.procs, run.procs.device
+    if device.type != "cuda":
+        report_memory(run, *estimated_memory(run))
+    try:
+        seconds, images, _ = time_steps(lambda idx, timer=None: train_step(run, idx, timer), run.batches.epoch(0),
+                                        procs, warmup=1, steps=steps)
+    except torch.OutOfMemoryError:
+        raise UserError(f"batch_size {cfg['batch_size']} does not fit {torch.cuda.get_device_name(device)}: a training "
+                        f"step ran out of memory; lower batch_size (or try --batch_size auto)") from None
+    val_seconds = time.perf_counter()
+    if procs.master and run.train_set.val_split is not None:
+        evaluate.validate(run.raw, run.train_set.val_images, run.train_set.val_split, device, procs.precision)
+    val_seconds = time.perf_counter() - val_seconds
+    wall = (cfg["epochs"] * len(run.batches) - run.step) * seconds / steps + (cfg["epochs"] - run.first_epoch) * val_seconds
+    n_train = sum(p.numel() for p in run.raw.parameters() if p.requires_grad)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "this CPU"
+    procs.log(f"check: {n_train:,} trainable parameters; on {name}: {1000 * seconds / steps:.0f} ms a step, "
+              f"{images * procs.world / seconds:.1f} images/s, validation {val_seconds:.2f} s")
+    procs.log(f"check: the whole run ({cfg['epochs'] - run.first_epoch} epochs of {len(run.batches)} steps) takes "
+              f"about {format_seconds(wall)} here" + (f", {math.ceil(wall / budget)} session(s) of the time budget "
+                                                       f"{format_seconds(budget)}" if budget else ""))
+    if device.type == "cuda":
+        report_memory(run, torch.cuda.max_memory_allocated(device) / 2**30, "measured",
+                      torch.cuda.get_device_properties(device).total_memory / 2**30, name)
+    return 0
+
+
+def estimated_memory(run):
+    """(peak GiB, how, capacity GiB or None, where) of the run on the GPU its config names, by bench.py's estimate."""
+    import bench
+    cfg = run.cfg
+    capacity, gpu_precision = GPUS.get(cfg["gpu"], (None, "fp32"))
+    precision = gpu_precision if cfg["precision"] == "auto" else cfg["precision"]
+    shape = {k: getattr(run.raw.vit.cfg, k) for k in ("embed_dim", "depth", "patch_size", "num_registers",
+                                                      "layerscale", "conv_stem")}
+    peak = sum(bench.training_memory(cfg, shape, capacity, precision)[0].values())
+    return (peak, f"estimated for {precision}", capacity,
+            f"the config's gpu {cfg['gpu']}" if capacity else "no GPU named (config key gpu)")
+
+
+def report_memory(run, peak, how, capacity, where):
+    """The peak memory line of --check; a UserError when it does not fit."""
+    fits = capacity is None or peak <= capacity
+    run.procs.log(f"check: peak memory {peak:.2f} GiB per process, {how}, "
+                  + (f"of {capacity:.1f} GiB on {where}: {'fits' if fits else 'does NOT fit'}" if capacity else where))
+    if not fits:
+        raise UserError(f"batch_size {run.cfg['batch_size']} does not fit {where}: {peak:.2f} of {capacity:.1f} GiB; "
+                        f"lower batch_size (or try --batch_size auto on the GPU)")
 
 
 def time_steps(step, epoch_batches, procs, warmup, steps):

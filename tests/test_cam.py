@@ -111,7 +111,7 @@ class StubVerifier:
 
     def __init__(self, peaks, grid=4):
         self.vit = type("ViT", (), {"grid": grid})()
-        self.peaks = list(peaks)  # one per pair asked, in turn
+        self.peaks = list(peaks)  # one per pair, in turn
 
     def evidence(self, pair):
         peak = self.peaks.pop(0)

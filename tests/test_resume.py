@@ -82,7 +82,7 @@ def test_one_process_run_continues_on_two(tmp_path, synth_dir):
 def test_resume_auto_takes_this_runs_newest_checkpoint_from_a_previous_session(tmp_path, synth_dir):
     """A new Kaggle session: out_dir is empty, the previous session's output is mounted read-only under the folder
     resume_dirs names, beside another run's checkpoints."""
-    first = tmp_path / "session1"
+    first = tmp_path / "earlier_session"
     first.mkdir()
     run_py(["train.py", "--cfg", tiny_config(first, synth_dir, epochs=3), "--time-budget", "1s"])
     other = tmp_path / "other"

@@ -1,6 +1,7 @@
 import glob
 import json
 import os
+import math
 import re
 import signal
 import struct
@@ -92,7 +93,7 @@ def test_resume_with_another_config_is_refused(trained_run):
 
 
 def test_a_checkpoint_from_before_the_method_key_resumes_as_promptcam(trained_run, tmp_path):
-    """Runs saved before `method` existed were promptcam; the default is traits now."""
+    """Runs saved before `method` existed were promptcam runs; the default is traits."""
     tmp, cfg = trained_run
     ckpt = torch.load(f"{tmp}/run/last.pt", weights_only=True)
     for key in ("method", "margin", "scale", "trait_prompts"):
@@ -371,8 +372,6 @@ def test_arcface_method_trains_evaluates_writes_its_backbone_and_keeps_its_metho
     run_py(["evaluate.py", "--ckpt", str(run / "best.pt"), "--out", str(tmp_path / "eval")])
     metrics = json.load(open(tmp_path / "eval" / "metrics.json"))
     assert metrics["n_genuine"] > 0 and metrics["n_twin"] > 0 and 0 <= metrics["eer"] <= 1
-    proc = run_py(["cam.py", "--ckpt", str(run / "best.pt"), "a.jpg", "b.jpg"], check=False)
-    assert proc.returncode != 0 and "'arcface' checkpoint has no prompts" in proc.stderr
     proc = run_py(["train.py", "--cfg", cfg, "--epochs", "3", "--method", "promptcam", "--resume", str(run)],
                   check=False)
     assert proc.returncode != 0 and "method: 'arcface' in the checkpoint, 'promptcam' now" in proc.stderr
@@ -405,3 +404,46 @@ def test_tracker_flag_on_an_untracked_run_is_refused(trained_run):
     for script in (["evaluate.py", "--out", f"{tmp}/eval_t"], ["cam.py", "--pairs", "test"]):
         proc = run_py([*script, "--ckpt", f"{tmp}/run/best.pt", "--tracker"], check=False)
         assert proc.returncode != 0 and "its run was not tracked (tracker none)" in proc.stderr
+
+
+def test_check_rehearses_the_run_and_refuses_a_batch_that_would_not_fit(tmp_path, synth_dir):
+    cfg = tiny_config(tmp_path, synth_dir)
+    out = run_py(["train.py", "--cfg", cfg, "--check", "--time-budget", "2s", "--gpu", "t4"]).stdout
+    steps = re.search(r"the whole run \(3 epochs of (\d+) steps\) takes about", out)
+    ms = float(re.search(r"on this CPU: (\d+) ms a step", out).group(1))
+    assert steps and ms > 0 and re.search(r"(\d+) session\(s\) of the time budget 0m02s", out)
+    assert re.search(r"peak memory [\d.]+ GiB per process, estimated for fp16, of 14.6 GiB on the config's gpu t4: fits",
+                     out)
+    assert not os.path.exists(tmp_path / "run")  # no checkpoint, no folder
+    proc = run_py(["train.py", "--cfg", cfg, "--check", "--gpu", "2080ti", "--batch_size", "60000"], check=False)
+    assert proc.returncode == 1 and "batch_size 60000 does not fit the config's gpu 2080ti" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_a_mixed_precision_step_resumes_with_its_gradient_scaler(precision, tmp_path, synth_dir):
+    """Under fp16 the gradient scaler trains and is saved and restored; bf16 needs none. Run in this process."""
+    import train
+    from tracking import Tracker
+
+    def start(argv):
+        _, cfg, resume = train.configure(argv)
+        procs = train.start_processes(cfg)
+        return train.start_run(cfg, train.load_train_set(cfg, procs, resume), procs, resume)
+    run = start(["--cfg", tiny_config(tmp_path, synth_dir, precision=precision, epochs=1)])
+    batch = run.batches.epoch(0)[0]
+    assert run.procs.precision == precision and run.scaler.is_enabled() == (precision == "fp16")
+    before = {k: v.clone() for k, v in run.raw.trainable_state().items()}
+    for _ in range(4):  # fp16: the scaler skips the steps whose gradients overflow, halving its scale each time
+        assert math.isfinite(float(train.train_step(run, batch)))
+    assert any(not torch.equal(before[k], v) for k, v in run.raw.trainable_state().items())
+    run.tracker = Tracker()
+    train.save_checkpoints(run, epoch=0)
+    saved = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["scaler"]
+    if precision == "fp16":
+        assert saved["scale"] == run.scaler.get_scale() and math.log2(saved["scale"]).is_integer()
+    else:
+        assert saved == {}
+    resumed = start(["--resume", str(tmp_path / "run" / "last.pt")])
+    assert resumed.scaler.state_dict() == run.scaler.state_dict()
+    assert float(train.train_step(resumed, batch)) == float(train.train_step(run, batch))

@@ -1,0 +1,129 @@
+"""Every shipped GPU config rehearsed on the CPU: its exact model (backbone shape, image size, method, prompts,
+trained blocks) with random weights and no download, two training steps, a save and an exact resume, the pair
+scoring and an explanation figure; and its memory estimated against the GPU it is meant for."""
+import os
+import re
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import bench
+import cam
+import evaluate
+import model
+import train
+from conftest import ROOT
+from tracking import Tracker
+
+GPU_CONFIGS = ["t4x2", "p100", "2080ti_x2"]
+MODEL_KEYS = ("arch", "img_size", "method", "deep_prompts", "trait_prompts", "train_blocks")
+
+
+def shipped(name):
+    return train.load_config([os.path.join(ROOT, "configs", f"{name}.yaml")], {})
+
+
+# The configs that build the same model (their batch, precision and paths aside) are rehearsed once, under their names.
+MODELS = {}
+for _name in GPU_CONFIGS:
+    MODELS.setdefault(tuple(shipped(_name)[k] for k in MODEL_KEYS), []).append(_name)
+
+
+@pytest.fixture(scope="module")
+def random_backbones(tmp_path_factory):
+    """Each GPU config's backbone with random weights, in the official layout at its native 518 px grid."""
+    folder = tmp_path_factory.mktemp("backbones")
+    paths = {}
+    for name in GPU_CONFIGS:
+        arch = shipped(name)["arch"]
+        if arch not in paths:
+            paths[arch] = str(folder / f"{arch}.pth")
+            torch.save(model.official_backbone_state(model.random_vit(arch, 518)), paths[arch])
+    return paths
+
+
+@pytest.fixture(scope="module")
+def twin_faces(tmp_path_factory):
+    """Three twin families of two images each, large enough for a 336-px input."""
+    folder = tmp_path_factory.mktemp("faces")
+    rng = np.random.default_rng(0)
+    info = {}
+    for person in range(6):
+        info[str(person)] = []
+        for k in range(2):
+            path = str(folder / f"{person}_{k}.png")
+            Image.fromarray(rng.integers(0, 256, (96, 96, 3), dtype=np.uint8)).save(path)
+            info[str(person)].append(path)
+    import json
+    (folder / "info.json").write_text(json.dumps(info))
+    (folder / "pairs.json").write_text(json.dumps([["0", "1"], ["2", "3"], ["4", "5"]]))
+    return str(folder)
+
+
+def start(argv):
+    args, cfg, resume = train.configure(argv)
+    procs = train.start_processes(cfg)
+    train_set = train.load_train_set(cfg, procs, resume)
+    return cfg, train_set, train.start_run(cfg, train_set, procs, resume)
+
+
+@pytest.mark.parametrize("names", MODELS.values(), ids="+".join)
+def test_each_gpu_configs_model_trains_saves_resumes_scores_and_explains(names, random_backbones, twin_faces, tmp_path):
+    name = names[0]
+    config = shipped(name)
+    argv = ["--cfg", os.path.join(ROOT, "configs", f"{name}.yaml"), "--arch", random_backbones[config["arch"]],
+            "--train_info", f"{twin_faces}/info.json", "--train_pairs", f"{twin_faces}/pairs.json", "--path_remap", "",
+            "--cache_dir", str(tmp_path / "cache"), "--out_dir", str(tmp_path / "run"), "--tracker", "none",
+            "--images_per_person", "1", "--batch_size", "4", "--val_families", "1"]  # a smaller batch; the config's shapes
+    cfg, train_set, run = start(argv)
+    vit = run.raw.vit.cfg
+    shape = model.ARCH_SHAPES[config["arch"]]
+    assert (vit.embed_dim, vit.depth, vit.patch_size, vit.num_registers, vit.img_size) == \
+        (shape["embed_dim"], shape["depth"], shape["patch_size"], shape["num_registers"], config["img_size"])
+    assert (run.raw.method, run.raw.train_blocks) == (config["method"], config["train_blocks"])
+    assert run.raw.trait_prompts.shape[0] == config["trait_prompts"] and run.raw.deep_prompts.shape[1] == config["deep_prompts"]
+    family = torch.tensor([0, 2])  # one twin family, one image each: the smallest batch with a sibling in it
+    losses = [float(train.train_step(run, family)) for _ in range(2)]
+    assert all(np.isfinite(losses)) and losses[1] != losses[0]
+    run.tracker = Tracker()
+    train.save_checkpoints(run, epoch=0)
+
+    _, _, resumed = start(["--resume", str(tmp_path / "run" / "last.pt")])
+    for key, value in run.raw.trainable_state().items():
+        assert torch.equal(value, resumed.raw.trainable_state()[key]), key
+    assert float(train.train_step(resumed, family)) == float(train.train_step(run, family))  # exactly where it stopped
+
+    a, b, kind, _, _ = evaluate.protocol_pairs(train_set.val_split)
+    scores, _, _ = evaluate.verifier_scores(run.raw, train_set.val_images, a, b, torch.device("cpu"))
+    assert len(scores) == len(kind) and np.isfinite(scores).all()
+    evidence, figure = cam.pair_figure(run.raw, train_set.val_images[0], train_set.val_images[2], "A", "B", None, 1,
+                                       torch.device("cpu"))
+    assert len(evidence.parts) == config["trait_prompts"] and figure.height == 44 + 2 * (20 + 168)
+
+
+def estimate(capsys, *cfg_paths):
+    """bench.py memory in this process (it measures each distinct model once), its exit status and output."""
+    status = bench.main(["memory", *(a for path in cfg_paths for a in ("--cfg", path))])
+    return status, capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", GPU_CONFIGS)
+def test_each_gpu_config_fits_its_gpu_by_the_estimate(name, capsys, tmp_path):
+    status, out = estimate(capsys, os.path.join(ROOT, "configs", f"{name}.yaml"))
+    peak, gpu = re.search(r"estimated peak +([\d.]+) GiB per process \(\w+: ([\d.]+) GiB", out).groups()
+    assert status == 0 and float(peak) + 0.4 < float(gpu), out
+    cfg = shipped(name)
+    shape = {k: v for k, v in model.ARCH_SHAPES[cfg["arch"]].items() if k != "native_grid"}
+    n_backbone = sum(p.numel() for p in model.ViT(model.ViTConfig(img_size=cfg["img_size"], **shape)).parameters())
+    weights = float(re.search(r"weights +([\d.]+) GiB", out).group(1))
+    assert 4 * n_backbone / 2**30 - 0.005 <= weights <= 4 * n_backbone / 2**30 + 0.02  # the backbone and prompts, fp32
+    cache = float(re.search(r"image cache +([\d.]+) GiB", out).group(1))
+    assert cache == pytest.approx(6182 * 3 * cfg["img_size"] ** 2 / 2**30, abs=0.01)  # under a quarter of the GPU
+    # what autograd saves grows with the batch: twice the batch, (nearly) twice the saved part
+    saved = float(re.search(r"saved for backward +([\d.]+) GiB", out).group(1))
+    (tmp_path / "double.yaml").write_text(f"batch_size: {2 * cfg['batch_size']}\n")
+    status, doubled = estimate(capsys, os.path.join(ROOT, "configs", f"{name}.yaml"), str(tmp_path / "double.yaml"))
+    assert 1.9 * saved < float(re.search(r"saved for backward +([\d.]+) GiB", doubled).group(1)) < 2 * saved + 0.02
+    assert status == 1  # twice the batch no longer fits
