@@ -123,3 +123,36 @@ def test_not_a_checkpoint(tmp_path):
     (tmp_path / "x.pt").write_bytes(b"junk")
     proc = run_py(["evaluate.py", "--ckpt", str(tmp_path / "x.pt"), "--out", str(tmp_path)], check=False)
     assert proc.returncode != 0 and "x.pt" in proc.stderr
+
+
+def test_auc_and_eer_agree_with_a_brute_force_count_over_weighted_tied_scores():
+    rng = np.random.default_rng(0)
+    scores = rng.integers(0, 20, 300) / 20.0  # many ties
+    genuine = rng.random(300) < 0.3
+    scores[genuine] += 0.2
+    weights = rng.integers(1, 4, 300).astype(float)
+    r = ev.metrics(scores, genuine, None, weights)
+    g, i = np.flatnonzero(genuine), np.flatnonzero(~genuine)
+    wins = (scores[g][:, None] > scores[i][None]) + 0.5 * (scores[g][:, None] == scores[i][None])
+    pair_weights = weights[g][:, None] * weights[i][None]
+    assert r["auc"] == pytest.approx((wins * pair_weights).sum() / pair_weights.sum())
+    # at every threshold t (same if score >= t): FAR and FRR by counting; the EER lies where they cross
+    far = [(weights[i] * (scores[i] >= t)).sum() / weights[i].sum() for t in np.unique(scores)]
+    frr = [(weights[g] * (scores[g] < t)).sum() / weights[g].sum() for t in np.unique(scores)]
+    k = int(np.argmax(np.array(far) <= np.array(frr)))  # FAR falls and FRR rises with t: they cross before t_k
+    assert k > 0 and max(far[k], frr[k - 1]) - 1e-9 <= r["eer"] <= min(far[k - 1], frr[k]) + 1e-9
+
+
+def test_protocol_counts_a_triplet_family_as_three_twin_pairs():
+    import torch
+    import data
+    n = {0: 3, 1: 2, 2: 4, 3: 2, 4: 5}  # a triplet (0, 1, 2), twins (3, 4)
+    person = [p for p, k in n.items() for _ in range(k)]
+    split = data.Split(ids=[str(p) for p in n], paths=[f"{i}.jpg" for i in range(len(person))],
+                       person=torch.tensor(person), families=[[0, 1, 2], [3, 4]])
+    _, _, kind, fam_a, fam_b = ev.protocol_pairs(split)
+    assert (kind == ev.GENUINE).sum() == 3 + 1 + 6 + 1 + 10
+    assert (kind == ev.TWIN).sum() == 3 * 2 + 3 * 4 + 2 * 4 + 2 * 5
+    assert (fam_a == fam_b).all()
+    _, _, everything, _, _ = ev.protocol_pairs(split, all_impostors=True)
+    assert (everything == ev.OTHER).sum() == (3 + 2 + 4) * (2 + 5)

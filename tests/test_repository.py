@@ -38,3 +38,18 @@ def test_the_readme_is_a_guide_of_a_readable_size_whose_paths_exist():
                     "### Prompt-CAM in this project", "## Evaluation", "## Explanations", "## Results",
                     "## Hardware and image size", "## Citations"):
         assert section in readme, section
+
+
+def test_functions_read_whole_and_docstrings_say_what_and_why_briefly():
+    import ast
+    long = []
+    for path in (p for p in set(project_files()) if p.endswith(".py")):
+        for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef, ast.Module)):
+                lines = len((ast.get_docstring(node, clean=False) or "").strip().splitlines())
+                name = getattr(node, "name", "module")
+                if lines > 6:
+                    long.append(f"{os.path.relpath(path, ROOT)}: {name}'s docstring has {lines} lines")
+                if isinstance(node, ast.FunctionDef) and node.end_lineno - node.lineno >= 80:
+                    long.append(f"{os.path.relpath(path, ROOT)}: {name} has {node.end_lineno - node.lineno + 1} lines")
+    assert not long, "\n".join(long)
