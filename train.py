@@ -226,7 +226,7 @@ def find_this_run(cfg, user_keys, log):
     if not found:
         log(f"--resume auto: no checkpoint of this run in {', '.join(roots)}; starting fresh")
         return None
-    epoch, _, path, ckpt = max(found, key=lambda f: f[:2])
+    _, _, path, ckpt = max(found, key=lambda f: f[:2])
     return Resume(path, ckpt)
 
 
