@@ -203,7 +203,7 @@ def config_changes(cfg, trained, keys):
 
 def find_this_run(cfg, user_keys, log):
     """--resume auto: the checkpoint with the highest epoch under out_dir and resume_dirs whose config agrees with
-    every key the user set (a run's own files, or a previous Kaggle session's output mounted under /kaggle/input)."""
+    every key the user set: a run's own files, or a previous session's saved output mounted where resume_dirs says."""
     roots = [cfg["out_dir"]] + [d for d in cfg["resume_dirs"].split(os.pathsep) if d]
     found, skipped = [], []
     for root in roots:
@@ -233,9 +233,9 @@ def find_this_run(cfg, user_keys, log):
 def resume_from(arg, cfg_paths, overrides, log):
     """The checkpoint --resume names (a file, a run folder's last.pt, or auto) and the config to resume it with."""
     if arg == "auto":
-        cfg = load_config(cfg_paths, overrides)
-        user_keys = set(read_config_files(cfg_paths)) | set(overrides)
-        resume = find_this_run(cfg, user_keys, log)
+        from_files = read_config_files(cfg_paths)
+        cfg = load_config([], overrides, base={**DEFAULTS, **from_files})
+        resume = find_this_run(cfg, set(from_files) | set(overrides), log)
         if resume is None:
             return None, cfg
     else:

@@ -5,8 +5,7 @@ import re
 
 from conftest import ROOT
 
-# How the work was organised, not what the project is: numbered stops, sessions, tasks or issues, "(now)", "of
-# then", anything lent or asked.
+# Words that belong in notes and commit messages rather than in the project's files.
 PROCESS_WORDS = re.compile(r"\b(stops?|sessions?|tasks?|issues?) ?#?\d+|(?<![\w/&])#\d+\b|\(now\)|\bof then\b|"
                            r"\blent\b|\basked\b|can_start_another|\bthis (task|stop)\b", re.IGNORECASE)
 TEXT = (".py", ".md", ".yaml", ".txt", ".cfg", ".toml")
