@@ -251,7 +251,8 @@ def main(argv=None):
     ap.add_argument("--path-remap", help="OLD=NEW for image paths; default: the checkpoint's path_remap")
     ap.add_argument("--all-impostors", action="store_true", help="also every cross-person pair (FAR down to 1e-4)")
     ap.add_argument("--baseline", choices=["cls"], help="cosine of the frozen backbone's CLS features instead")
-    ap.add_argument("--threshold", type=float, help="decision threshold, for checkpoints trained without validation")
+    ap.add_argument("--threshold", type=float,
+                    help="decision threshold instead of the one chosen on validation (needed after `full: true`)")
     ap.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of twin families")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--tracker", action="store_true",
@@ -273,20 +274,22 @@ def main(argv=None):
         scores, t_enc, t_score = cls_scores(vit, images, a, b, device)
         # The baseline's threshold comes from the same validation families the model used.
         train = data.load_split(cfg["train_info"], cfg["train_pairs"], remap)
-        _, val = data.hold_out_families(train, cfg["val_families"], cfg["seed"])
-        if val is None:
-            threshold = args.threshold
-        else:
+        _, val = data.hold_out_families(train, 0 if cfg["full"] else cfg["val_families"], cfg["seed"])
+        threshold, source = None, "no validation (full: true)"
+        if val is not None:
             val_images = data.build_cache(val.paths, cfg["img_size"], cfg["cache_dir"])
             va, vb, vkind, _, _ = protocol_pairs(val)
             vscores, _, _ = cls_scores(vit, val_images, va, vb, device)
-            threshold = eer_threshold(*roc(vscores, vkind == GENUINE))
+            threshold, source = eer_threshold(*roc(vscores, vkind == GENUINE)), "its EER on the validation families"
         title = f"CLS cosine baseline ({cfg['arch']})"
     else:
         model = verifier_from_checkpoint(ckpt, args.ckpt, cfg["weights_dir"] or None).to(device)
         scores, t_enc, t_score = verifier_scores(model, images, a, b, device, default_precision(device))
-        threshold = ckpt["threshold"] if ckpt.get("threshold") is not None else args.threshold
+        threshold = ckpt.get("threshold")
+        source = "no validation (full: true)" if threshold is None else "the validation EER's, saved in the checkpoint"
         title = f"{model.method} verifier, epoch {ckpt['epoch'] + 1}"
+    if args.threshold is not None:
+        threshold, source = args.threshold, "given by --threshold"
     t0 = time.perf_counter()
     result = report(scores, kind, fam_a, fam_b, len(split.families), threshold, args.bootstrap)
     t_metrics = time.perf_counter() - t0
@@ -302,7 +305,8 @@ def main(argv=None):
         tracker.finish()
     counts = ", ".join(f"{(kind == k).sum()} {KINDS[k]}" for k in range(3) if (kind == k).any())
     tars = ", ".join(f"TAR@{f}={'n/a' if v is None else f'{v:.3f}'}" for f, v in result["tar_at_far"].items())
-    acc = "n/a (no threshold)" if threshold is None else f"{result['accuracy']:.4f} at threshold {threshold:.4f}"
+    acc = (f"n/a ({source}: give --threshold)" if threshold is None else
+           f"{result['accuracy']:.4f} at threshold {threshold:.4f} ({source})")
     print(f"{title}: {len(images)} images, {counts} pairs\n"
           f"AUC {result['auc']:.4f} {result['intervals']['auc']}  EER {result['eer']:.4f} "
           f"{result['intervals']['eer']}  {tars}  accuracy {acc}\n"

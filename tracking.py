@@ -4,6 +4,7 @@ A tracker that cannot start or stops working (server down, no key) warns once an
 Nothing leaves the machine unless a tracker was chosen; MLflow's own telemetry is switched off.
 """
 import os
+import pathlib
 import time
 import warnings
 
@@ -37,15 +38,19 @@ class MLflowTracker(Tracker):
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
         from mlflow.tracking import MlflowClient
-        uri = (cfg["mlflow_uri"] or os.environ.get("MLFLOW_TRACKING_URI")
-               or "sqlite:///" + os.path.abspath(os.path.join(cfg["out_dir"], "mlflow.db")))
+        uri = cfg["mlflow_uri"] or os.environ.get("MLFLOW_TRACKING_URI")
+        # with no server named, the store and the figures stay in out_dir (MLflow would put figures in ./mlruns)
+        out_dir = os.path.abspath(cfg["out_dir"])
+        artifacts = None if uri else pathlib.Path(out_dir, "mlartifacts").as_uri()
+        uri = uri or "sqlite:///" + os.path.join(out_dir, "mlflow.db")
         self.client = MlflowClient(tracking_uri=uri)
         if run_id:  # a resumed run continues the same MLflow run
             self.run_id = self.client.get_run(run_id).info.run_id
         else:
             name = cfg["mlflow_experiment"] or os.environ.get("MLFLOW_EXPERIMENT_NAME") or "twin-verification"
             experiment = self.client.get_experiment_by_name(name)
-            experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(name)
+            experiment_id = (experiment.experiment_id if experiment else
+                             self.client.create_experiment(name, artifact_location=artifacts))
             self.run_id = self.client.create_run(experiment_id, run_name=cfg["run_name"] or None).info.run_id
         self.uri = uri
 

@@ -10,7 +10,7 @@ from PIL import Image
 import cam
 import data
 import evaluate
-from conftest import run_py, tiny_config
+from conftest import METHOD_RUNS, run_py
 from model import Evidence, patch_masks, read_training_checkpoint, verifier_from_checkpoint
 
 CPU = torch.device("cpu")
@@ -37,8 +37,9 @@ def protocol_score(model, image_a, image_b):
     return float(model.score_pairs(enc, [0], [1])[0])
 
 
-def test_pair_figure_score_and_verdict(trained_run, odd_images, tmp_path):
-    tmp, _ = trained_run
+@pytest.mark.xdist_group("promptcam")
+def test_pair_figure_score_and_verdict(promptcam_run, odd_images, tmp_path):
+    tmp, _ = promptcam_run
     out = tmp_path / "pair.png"
     proc = run_py(["cam.py", odd_images[0], odd_images[1], "--ckpt", f"{tmp}/run", "--out", str(out)])
     score, threshold, verdict = re.search(r"score ([-+.\d]+)  threshold ([-+.\d]+)  verdict: (\w+)", proc.stdout).groups()
@@ -68,8 +69,9 @@ def test_bad_inputs_are_clear(trained_run, odd_images, tmp_path):
     assert proc.returncode == 1 and "nomodel.pt: not a training checkpoint of this project" in proc.stderr
 
 
-def test_promptcam_evidence_ranks_heads_by_greedy_blur_and_its_maps_are_the_prompts_attention(trained_run, synth_dir):
-    tmp, _ = trained_run
+@pytest.mark.xdist_group("promptcam")
+def test_promptcam_evidence_ranks_heads_by_greedy_blur_and_its_maps_are_the_prompts_attention(promptcam_run, synth_dir):
+    tmp, _ = promptcam_run
     model, _ = cam.load_model(f"{tmp}/run/best.pt", CPU)
     info = json.load(open(f"{synth_dir}/test_info.json"))
     a, b = (cam.read_image(p, 56) for p in info[sorted(info)[0]][:2])
@@ -167,12 +169,10 @@ def test_marks_map_to_the_patches_they_cover():
     assert cam.patches_with_marks([[7, 7, 1]], 112, 56, 4) == {0}  # saved at 112 px, used at 56 px
 
 
-def test_traits_evidence_splits_the_score_evaluate_gives(tmp_path, synth_dir):
+def test_traits_evidence_splits_the_score_evaluate_gives(tmp_path, synth_dir, train_once):
     """The parts' shares add up to 1 - score, the score is the one evaluate.py uses, the maps are those prompts'
     attention, and the deletion and insertion curves start from and return to that score."""
-    cfg = tiny_config(tmp_path, synth_dir, epochs=1, method="traits")
-    run_py(["train.py", "--cfg", cfg])
-    ckpt_path = str(tmp_path / "run" / "best.pt")
+    ckpt_path = f"{train_once(**METHOD_RUNS['traits'])[0]}/run/best.pt"
     model = verifier_from_checkpoint(read_training_checkpoint(ckpt_path), ckpt_path).eval()
     split = data.load_split(f"{synth_dir}/test_info.json", f"{synth_dir}/test_pairs.json")
     images = data.build_cache(split.paths, 56, str(tmp_path / "cache"), verbose=False)
@@ -198,16 +198,16 @@ def test_traits_evidence_splits_the_score_evaluate_gives(tmp_path, synth_dir):
         assert im.height == 44 + 3 * (20 + 168)  # where they differ and two trait-prompt rows
 
 
-def test_arcface_answers_through_the_same_path_with_no_maps(tmp_path, synth_dir):
-    cfg = tiny_config(tmp_path, synth_dir, epochs=1, method="arcface")
-    run_py(["train.py", "--cfg", cfg])
-    model, _ = cam.load_model(str(tmp_path / "run" / "best.pt"), CPU)
+@pytest.mark.xdist_group("arcface")
+def test_arcface_answers_through_the_same_path_with_no_maps(tmp_path, synth_dir, train_once):
+    run = f"{train_once(**METHOD_RUNS['arcface'])[0]}/run"
+    model, _ = cam.load_model(f"{run}/best.pt", CPU)
     info = json.load(open(f"{synth_dir}/test_info.json"))
     faces = info[sorted(info)[0]][:2]
     evidence = cam.explain_pair(model, *(cam.read_image(p, 56) for p in faces), CPU)
     assert evidence.parts == [] and evidence.differ is None
     assert evidence.score == pytest.approx(protocol_score(model, *(cam.read_image(p, 56) for p in faces)), abs=1e-5)
-    out = run_py(["cam.py", *faces, "--ckpt", str(tmp_path / "run"), "--out", str(tmp_path / "pair.png")]).stdout
+    out = run_py(["cam.py", *faces, "--ckpt", run, "--out", str(tmp_path / "pair.png")]).stdout
     assert "verdict:" in out and Image.open(tmp_path / "pair.png").height == 44 + 20 + 168
-    proc = run_py(["cam.py", "--faithfulness", "--ckpt", str(tmp_path / "run")], check=False)
+    proc = run_py(["cam.py", "--faithfulness", "--ckpt", run], check=False)
     assert proc.returncode == 1 and "method arcface has no maps, so there is nothing to check" in proc.stderr

@@ -9,23 +9,7 @@ import pytest
 import torch
 
 import data
-from conftest import FIXTURES, ROOT, run_py
-
-
-def write_set(tmp, people, pairs, size=24):
-    """A tiny info/pairs pair on disk; people: {id: n_images}."""
-    from PIL import Image
-    info = {}
-    for pid, n in people.items():
-        os.makedirs(tmp / pid, exist_ok=True)
-        info[pid] = []
-        for k in range(n):
-            path = str(tmp / pid / f"{k}.jpg")
-            Image.new("RGB", (size, size + 8), (10 * k, 50, 200)).save(path)
-            info[pid].append(path)
-    (tmp / "info.json").write_text(json.dumps(info))
-    (tmp / "pairs.json").write_text(json.dumps(pairs))
-    return str(tmp / "info.json"), str(tmp / "pairs.json"), info
+from conftest import FIXTURES, ROOT, on_a_full_disk, run_py, write_set
 
 
 def test_every_problem_is_reported_at_once(tmp_path):
@@ -122,10 +106,7 @@ def test_a_damaged_cache_is_rebuilt_and_a_full_disk_leaves_no_partial_cache(tmp_
     proc = run_py(["-c", build])
     assert f"{cached} is unreadable" in proc.stdout and proc.stdout.split()[-1] == str(first.sum().item())
     os.remove(cached)
-    # a file-size limit makes writes fail like a full disk (EFBIG instead of ENOSPC)
-    full = ("import resource, signal; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
-            "resource.setrlimit(resource.RLIMIT_FSIZE, (512, 512)); " + build)
-    proc = run_py(["-c", full], check=False)
+    proc = on_a_full_disk(build, 512)
     assert proc.returncode != 0 and f"could not save {cached} (OSError" in proc.stderr, proc.stderr[-500:]
     assert os.listdir(cache_dir) == []
 
@@ -185,8 +166,15 @@ def test_augmentation_is_seeded_per_sample_and_keeps_sides():
     b = data.augment(images, torch.Generator().manual_seed(0))
     assert a.shape == (4, 3, 32, 32) and a.dtype == torch.float32 and torch.equal(a, b)
     assert not torch.allclose(a[0], a[1])  # each sample gets its own transform
-    left, right = a[..., :16].mean(), a[..., 16:].mean()
-    assert left > right  # no horizontal flip by default
+    left, right = a[..., :16].mean((1, 2, 3)), a[..., 16:].mean((1, 2, 3))
+    assert (left > right).all()  # no horizontal flip by default
+    flipped = data.augment(images, torch.Generator().manual_seed(0), hflip=True)
+    mirrored = (flipped[..., :16].mean((1, 2, 3)) < flipped[..., 16:].mean((1, 2, 3))).tolist()
+    # hflip mirrors the samples whose ninth uniform draw is positive, and changes nothing else
+    draws = torch.rand(4, 9, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    assert mirrored == (draws[:, 8] > 0).tolist() and 0 < sum(mirrored) < 4
+    for i, m in enumerate(mirrored):
+        torch.testing.assert_close(flipped[i], a[i].flip(-1) if m else a[i], atol=0.05, rtol=0)
 
 
 @pytest.mark.parametrize("traits", ["sites", "random"])
@@ -233,3 +221,24 @@ def test_random_style_twins_in_the_same_photo_conditions_differ_only_inside_thei
     im_a2, _ = data._draw_face(look, marks_a, other, size)
     changed = np.abs(np.asarray(im_a2, dtype=np.int16) - np.asarray(im_a, dtype=np.int16)).max(-1) > 20
     assert changed.mean() > 0.5
+
+
+def test_bench_data_and_scoring_print_their_figures(synth_dir, tmp_path, capsys):
+    import re
+    import shutil
+    import bench
+    from conftest import TINY_ARCH
+    shutil.copytree(synth_dir, tmp_path / "synth", ignore=shutil.ignore_patterns("cache"))
+    bench.main(["data", "--data", str(tmp_path / "synth"), "--size", "56", "--batch-size", "8", "--batches", "2"])
+    out = capsys.readouterr().out
+    for what in ("batches only     ", "with augmentation"):
+        cached, decoded, ratio = map(float, re.search(
+            rf"{what}: cache indexing +([\d.]+) images/s, PIL-decoding DataLoader +([\d.]+) images/s, ratio ([\d.]+)x",
+            out).groups())
+        assert cached > 0 and decoded > 0 and ratio == pytest.approx(cached / decoded, abs=0.1)
+    bench.main(["scoring", "--arch", TINY_ARCH, "--img-size", "56"])
+    out = capsys.readouterr().out
+    encode = float(re.search(r"encode 100 images: +([\d.]+) s", out).group(1))
+    score, share = map(float, re.search(r"score 10,000 pairs \(cache\): +([\d.]+) s += ([\d.]+)% of encoding",
+                                        out).groups())
+    assert encode > 0 and share == pytest.approx(100 * score / encode, rel=0.05, abs=0.2)

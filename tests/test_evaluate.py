@@ -4,9 +4,10 @@ import os
 
 import numpy as np
 import pytest
+import torch
 
 import evaluate as ev
-from conftest import run_py
+from conftest import TINY_ARCH, run_py
 
 
 def m(genuine, impostor, threshold=None, fars=(1e-1, 1e-2)):
@@ -15,35 +16,49 @@ def m(genuine, impostor, threshold=None, fars=(1e-1, 1e-2)):
     return ev.metrics(scores, labels, threshold, fars=fars)
 
 
-def test_perfect_separation():
-    r = m([3.0, 4.0, 5.0], [float(i) / 10 for i in range(20)], threshold=2.0)
-    assert r["auc"] == 1.0 and r["eer"] == 0.0 and r["accuracy"] == 1.0
-    assert r["tar_at_far"]["0.1"] == 1.0
-
-
-def test_identical_scores_are_chance():
-    r = m([0.5] * 4, [0.5] * 6, threshold=0.5)
-    assert r["auc"] == 0.5 and r["eer"] == 0.5
-    assert r["accuracy"] == pytest.approx(0.4)  # everything accepted: only the 4 genuine pairs are right
-
-
-def test_ties_count_half():
+# (genuine scores, impostor scores, threshold, FARs to report, the metrics by hand)
+HAND_COUNTED = {
+    "perfect separation": ([3.0, 4.0, 5.0], [i / 10 for i in range(20)], 2.0, (0.1,),
+                           {"auc": 1.0, "eer": 0.0, "accuracy": 1.0, "tar_at_far": {"0.1": 1.0}}),
+    # everything accepted at 0.5: only the 4 genuine pairs are right
+    "identical scores are chance": ([0.5] * 4, [0.5] * 6, 0.5, (), {"auc": 0.5, "eer": 0.5, "accuracy": 0.4}),
     # genuine (1, 2) vs impostor (1, 0): pairs won 1 (tie: 0.5) + 1 + 1 + 1 of 4
-    assert m([1.0, 2.0], [1.0, 0.0])["auc"] == pytest.approx(3.5 / 4)
+    "ties count half": ([1.0, 2.0], [1.0, 0.0], None, (), {"auc": 3.5 / 4}),
+    # one impostor cannot resolve a 10% false-accept rate
+    "one impostor": ([0.2, 0.6, 0.9], [0.5], None, (0.1,), {"auc": 2 / 3, "eer": 1 / 3, "tar_at_far": {"0.1": None}}),
+    # 10 impostors 0.0 .. 0.9: at FAR 0.1 only 0.9 is accepted, so 0.95 and 0.85 pass; FAR 1e-2 is below resolution
+    "TAR at FAR": ([0.95, 0.85, 0.05], [i / 10 for i in range(10)], None, (0.1, 0.01),
+                   {"tar_at_far": {"0.1": 2 / 3, "0.01": None}}),
+}
 
 
-def test_single_impostor():
-    r = m([0.2, 0.6, 0.9], [0.5], fars=(1e-1,))
-    assert r["auc"] == pytest.approx(2 / 3)
-    assert r["eer"] == pytest.approx(1 / 3)
-    assert r["tar_at_far"]["0.1"] is None  # one impostor cannot resolve a 10% false-accept rate
+@pytest.mark.parametrize("case", HAND_COUNTED)
+def test_metrics_against_hand_counts(case):
+    genuine, impostor, threshold, fars, want = HAND_COUNTED[case]
+    scores = np.array(genuine + impostor, dtype=float)
+    labels = np.array([True] * len(genuine) + [False] * len(impostor))
+    got = ev.metrics(scores, labels, threshold, fars=fars)
+    for key, value in want.items():
+        assert got[key] == (pytest.approx(value) if key != "tar_at_far" else
+                            {f: v if v is None else pytest.approx(v) for f, v in value.items()}), key
 
 
-def test_tar_at_far_and_resolution():
-    impostors = [i / 10 for i in range(10)]  # 0.0 .. 0.9
-    r = m([0.95, 0.85, 0.05], impostors, fars=(1e-1, 1e-2))
-    assert r["tar_at_far"]["0.1"] == pytest.approx(2 / 3)
-    assert r["tar_at_far"]["0.01"] is None  # 10 impostor pairs: FAR 1e-2 is below resolution
+def test_roc_auc_and_tar_agree_with_scikit_learn_on_weighted_tied_scores():
+    from sklearn.metrics import roc_auc_score, roc_curve
+    rng = np.random.default_rng(1)
+    scores = rng.integers(0, 30, 500) / 30.0  # many ties
+    genuine = rng.random(500) < 0.2
+    scores[genuine] += 0.25
+    weights = rng.integers(1, 5, 500).astype(float)
+    far, tar, thr = ev.roc(scores, genuine, weights)
+    fpr, tpr, thresholds = roc_curve(genuine, scores, sample_weight=weights, drop_intermediate=False)
+    np.testing.assert_allclose(far, fpr, atol=1e-12)
+    np.testing.assert_allclose(tar, tpr, atol=1e-12)
+    np.testing.assert_array_equal(thr[1:], thresholds[1:])  # the first is above every score in both
+    r = ev.metrics(scores, genuine, None, weights, fars=(0.1, 0.01))
+    assert r["auc"] == pytest.approx(roc_auc_score(genuine, scores, sample_weight=weights), abs=1e-12)
+    for target in (0.1, 0.01):
+        assert r["tar_at_far"][f"{target:g}"] == pytest.approx(tpr[fpr <= target].max(), abs=1e-12)
 
 
 def test_weights_equal_repetition():
@@ -58,12 +73,31 @@ def test_weights_equal_repetition():
     assert a["auc"] == pytest.approx(1 - 2 / 15)  # genuine 0.4 (x1) loses to 0.7 (x1) and 0.5 (x1) of 15 pairs
 
 
-def test_eer_threshold_is_from_the_given_scores():
+def test_eer_threshold_is_the_score_where_false_accepts_meet_false_rejects():
     scores = np.array([0.9, 0.8, 0.3, 0.7, 0.2, 0.1])
     labels = np.array([True, True, True, False, False, False])
-    far, tar, thr = ev.roc(scores, labels)
-    t = ev.eer_threshold(far, tar, thr)
-    assert t in scores and ev.accuracy(scores, labels, t) >= 4 / 6
+    # at 0.7 one impostor of three is accepted and one genuine pair of three (0.3) rejected: FAR = FRR = 1/3;
+    # every higher threshold has FAR 0 and FRR at least 1/3, every lower one FAR at least 2/3
+    t = ev.eer_threshold(*ev.roc(scores, labels))
+    assert t == 0.7 and ev.accuracy(scores, labels, t) == pytest.approx(4 / 6)
+
+
+def test_bootstrap_weighs_a_pair_by_how_often_its_families_were_drawn():
+    """One resample of three families against the same pairs written out as often as the drawn families hold them:
+    a pair inside a family once per draw of it, a pair across two families once per draw of each."""
+    rng = np.random.default_rng(4)
+    fam_a, fam_b = rng.integers(0, 3, 60), rng.integers(0, 3, 60)
+    genuine = rng.random(60) < 0.4
+    fam_b[genuine] = fam_a[genuine]
+    scores = rng.random(60) + 0.3 * genuine
+    drawn = np.random.default_rng(7).integers(0, 3, 3)  # the families bootstrap(seed=7) draws first
+    copies = [np.sum(drawn == f) for f in range(3)]
+    rows = [k for k in range(60) for _ in range(copies[fam_a[k]] * (1 if fam_a[k] == fam_b[k] else copies[fam_b[k]]))]
+    literal = ev.metrics(scores[rows], genuine[rows], 0.6)
+    sampled = ev.bootstrap(scores, genuine, fam_a, fam_b, 3, 0.6, (0.1,), n_boot=1, seed=7)
+    for key in ("auc", "eer", "accuracy"):
+        assert sampled[key] == [pytest.approx(literal[key])] * 2, key
+    assert copies != [1, 1, 1] and len(rows) != 60  # a resample that differs from the data
 
 
 def test_protocol_is_exhaustive_and_deterministic(synth_dir):
@@ -101,22 +135,69 @@ def test_evaluate_is_byte_identical_and_complete(trained_run):
     assert list(rows[0]) == ["path_a", "path_b", "label", "kind", "score"]
     kinds = {r["kind"] for r in rows}
     assert kinds == {"genuine", "twin", "other"}
-    assert sum(r["kind"] == "genuine" for r in rows) == metrics["n_genuine"]
-    assert sum(r["kind"] == "twin" for r in rows) == metrics["n_twin"]
+    # the counts from the test info files: every pair of one person's images, every image pair across twins
+    info = json.load(open(torch.load(f"{tmp}/run/best.pt", weights_only=True)["config"]["test_info"]))
+    twins = json.load(open(torch.load(f"{tmp}/run/best.pt", weights_only=True)["config"]["test_pairs"]))
+    n_genuine = sum(len(v) * (len(v) - 1) // 2 for v in info.values())
+    n_twin = sum(len(info[a]) * len(info[b]) for a, b in twins)
+    assert (metrics["n_genuine"], metrics["n_twin"]) == (n_genuine, n_twin)
+    assert [sum(r["kind"] == k for r in rows) for k in ("genuine", "twin")] == [n_genuine, n_twin]
+    assert len(rows) == len(sum(info.values(), [])) * (len(sum(info.values(), [])) - 1) // 2
     from PIL import Image
     assert Image.open(os.path.join(outs[0], "roc.png")).size[0] > 1000
 
 
-def test_cls_baseline_runs_on_the_same_protocol(trained_run):
+def counted_accuracy(folder, threshold):
+    """Accuracy on the twin protocol counted from scores.csv: genuine pairs at or above the threshold, others below."""
+    with open(os.path.join(folder, "scores.csv")) as f:
+        rows = [r for r in csv.DictReader(f) if r["kind"] != "other"]
+    return sum((float(r["score"]) >= threshold) == (r["label"] == "1") for r in rows) / len(rows)
+
+
+def test_cls_baseline_threshold_is_the_frozen_backbones_own_validation_eer(trained_run, capsys):
+    import data
+    from model import load_vit
     tmp, _ = trained_run
     out = os.path.join(tmp, "baseline")
-    proc = run_py(["evaluate.py", "--ckpt", f"{tmp}/run/best.pt", "--out", out, "--baseline", "cls",
-                   "--bootstrap", "100"])
-    assert "CLS cosine baseline" in proc.stdout
+    ev.main(["--ckpt", f"{tmp}/run/best.pt", "--out", out, "--baseline", "cls", "--bootstrap", "20"])
+    assert "CLS cosine baseline" in capsys.readouterr().out
     metrics = json.load(open(os.path.join(out, "metrics.json")))
-    reference = json.load(open(os.path.join(tmp, "one", "metrics.json"))) if os.path.exists(
-        os.path.join(tmp, "one")) else metrics
-    assert metrics["n_genuine"] == reference["n_genuine"] and -1 <= metrics["threshold"] <= 1
+    # the validation families of the run (val_families 3, seed 0), their CLS cosines computed here
+    cfg = torch.load(f"{tmp}/run/best.pt", weights_only=True)["config"]
+    _, val = data.hold_out_families(data.load_split(cfg["train_info"], cfg["train_pairs"]), 3, 0)
+    images = data.build_cache(val.paths, 56, cfg["cache_dir"], verbose=False)
+    with torch.no_grad():
+        cls = torch.nn.functional.normalize(load_vit(TINY_ARCH, 56).eval()(data.normalize(images))[:, 0], dim=-1)
+    a, b, kind, _, _ = ev.protocol_pairs(val)
+    scores = (cls[a] * cls[b]).sum(-1).numpy()
+    genuine, impostor = scores[kind == ev.GENUINE], scores[kind != ev.GENUINE]
+    gap = {t: abs((impostor >= t).mean() - (genuine < t).mean()) for t in np.unique(scores)}
+    best = max(t for t, g in gap.items() if g == min(gap.values()))  # the highest of the ties
+    assert metrics["threshold"] == pytest.approx(best, abs=1e-6)
+    assert metrics["accuracy"] == pytest.approx(counted_accuracy(out, metrics["threshold"]))
+    assert metrics["n_genuine"] > 0 and metrics["n_twin"] > 0
+
+
+def test_threshold_flag_and_a_run_without_validation(train_once, trained_run, tmp_path, capsys):
+    """`full: true` trains on every family, so there is no threshold until --threshold gives one; on a validated
+    run --threshold replaces the saved one. The output says which threshold it used."""
+    tmp, _, printed = train_once(full=True, epochs=1)
+    assert "give evaluate.py --threshold" in printed and not os.path.exists(f"{tmp}/run/best.pt")
+    ev.main(["--ckpt", f"{tmp}/run", "--out", str(tmp_path / "none"), "--bootstrap", "20"])
+    assert "accuracy n/a (no validation (full: true): give --threshold)" in capsys.readouterr().out
+    assert "accuracy" not in json.load(open(tmp_path / "none" / "metrics.json"))
+    ev.main(["--ckpt", f"{tmp}/run", "--out", str(tmp_path / "given"), "--bootstrap", "20", "--threshold", "0.9"])
+    assert "at threshold 0.9000 (given by --threshold)" in capsys.readouterr().out
+    metrics = json.load(open(tmp_path / "given" / "metrics.json"))
+    assert metrics["threshold"] == 0.9 and metrics["accuracy"] == pytest.approx(counted_accuracy(tmp_path / "given", 0.9))
+    assert metrics["eer"] == json.load(open(tmp_path / "none" / "metrics.json"))["eer"]
+    validated = f"{trained_run[0]}/run/best.pt"
+    ev.main(["--ckpt", validated, "--out", str(tmp_path / "own"), "--bootstrap", "20"])
+    saved = json.load(open(tmp_path / "own" / "metrics.json"))["threshold"]
+    assert saved == torch.load(validated, weights_only=True)["threshold"]
+    assert f"at threshold {saved:.4f} (the validation EER's, saved in the checkpoint)" in capsys.readouterr().out
+    ev.main(["--ckpt", validated, "--out", str(tmp_path / "over"), "--bootstrap", "20", "--threshold", "0.5"])
+    assert json.load(open(tmp_path / "over" / "metrics.json"))["threshold"] == 0.5
 
 
 def test_not_a_checkpoint(tmp_path):
@@ -144,7 +225,6 @@ def test_auc_and_eer_agree_with_a_brute_force_count_over_weighted_tied_scores():
 
 
 def test_protocol_counts_a_triplet_family_as_three_twin_pairs():
-    import torch
     import data
     n = {0: 3, 1: 2, 2: 4, 3: 2, 4: 5}  # a triplet (0, 1, 2), twins (3, 4)
     person = [p for p, k in n.items() for _ in range(k)]

@@ -127,3 +127,33 @@ def test_each_gpu_config_fits_its_gpu_by_the_estimate(name, capsys, tmp_path):
     status, doubled = estimate(capsys, os.path.join(ROOT, "configs", f"{name}.yaml"), str(tmp_path / "double.yaml"))
     assert 1.9 * saved < float(re.search(r"saved for backward +([\d.]+) GiB", doubled).group(1)) < 2 * saved + 0.02
     assert status == 1  # twice the batch no longer fits
+
+
+# The CPU configs as their headers layer them: the demo, the random style, the stand-in's training and its frozen use.
+CPU_LAYERS = {"cpu_demo": ("synth", "ckpt"), "cpu_demo+synth_random": ("synth_random", "ckpt/random"),
+              "cpu_demo+cpu_pretrain": ("synth_pretrain", "ckpt/pretrain"),
+              "cpu_demo+synth_random+cpu_frozen": ("synth_random", "ckpt/frozen")}  # -> (data folder, out_dir)
+
+
+@pytest.mark.parametrize("layering", CPU_LAYERS)
+def test_each_cpu_config_layering_is_valid_and_builds_its_model(layering, tmp_path, monkeypatch):
+    """From the folder the README's commands run in: data under data/, the stand-in backbone where cpu_pretrain
+    writes it, each run in a folder of its own; the config passes every check and its model takes a batch."""
+    monkeypatch.chdir(tmp_path)
+    layers = layering.split("+")
+    cfg = train.load_config([os.path.join(ROOT, "configs", f"{name}.yaml") for name in layers], {})
+    assert train.config_problems(cfg) == []
+    folder, out_dir = CPU_LAYERS[layering]
+    assert cfg["train_info"] == f"data/{folder}/train_info.json" and cfg["cache_dir"] == f"data/{folder}/cache"
+    assert cfg["out_dir"] == out_dir
+    if "cpu_frozen" in layers:  # the backbone cpu_pretrain writes, in the official layout
+        assert cfg["arch"] == "ckpt/pretrain/backbone.pth" and cfg["train_blocks"] == 0
+        os.makedirs("ckpt/pretrain")
+        torch.save(model.official_backbone_state(model.load_vit("scratch_vit_tiny14", cfg["img_size"])), cfg["arch"])
+    verifier = model.build_verifier(cfg["arch"], cfg["img_size"], 5, cfg["deep_prompts"], cfg["train_blocks"],
+                                    cfg["method"], cfg["margin"], cfg["scale"], cfg["trait_prompts"])
+    assert verifier.method == ("arcface" if "cpu_pretrain" in layers else "traits")
+    assert any(p.requires_grad for p in verifier.vit.parameters()) == ("cpu_frozen" not in layers)
+    with torch.no_grad():
+        emb = verifier.eval().encode(torch.randn(2, 3, cfg["img_size"], cfg["img_size"]))
+    assert torch.isfinite(verifier.score_pairs(emb, [0], [1])).all()

@@ -3,22 +3,11 @@ for every Kaggle session, run folders as --ckpt, and the summary a run ends with
 import os
 import re
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import ROOT, free_port, run_py, tiny_config
-
-
-def torchrun(args, cwd=ROOT, check=True):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           str(free_port()), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    if check and proc.returncode:
-        raise AssertionError(proc.stdout[-3000:] + proc.stderr[-3000:])
-    return proc
+from conftest import ROOT, run_py, tiny_config, torchrun
 
 
 def state(path):
@@ -42,8 +31,10 @@ def test_the_design_cards_three_lines_run_as_written(tmp_path, synth_dir):
     shutil.move(cfg, tmp_path / "configs" / "t4x2.yaml")
     for script in ("train.py", "cam.py"):
         os.symlink(os.path.join(ROOT, script), tmp_path / script)
-    first = torchrun(["train.py", "--cfg", "configs/t4x2.yaml", "--time-budget", "1s"], cwd=tmp_path).stdout
-    assert "stopping before epoch 2" in first and "--resume auto" in first
+    first = torchrun(["train.py", "--cfg", "configs/t4x2.yaml", "--time-budget", "0.01s"], cwd=tmp_path).stdout
+    assert "time budget: stopping before epoch 2 would pass it" in first and "epoch 2/2 |" not in first
+    assert "torchrun --nproc_per_node 2 train.py --cfg configs/t4x2.yaml --time-budget 0.01s --resume auto" in first
+    assert "stopped early: best epoch 1" in first
     written = state(tmp_path / "ckpt" / "last.pt")
     assert written["epoch"] == 0 and len(written["rng"]) == 2
 
@@ -65,57 +56,58 @@ def test_the_design_cards_three_lines_run_as_written(tmp_path, synth_dir):
     assert os.path.getsize(tmp_path / "pair.png") > 10_000
 
 
-def test_one_process_run_continues_on_two(tmp_path, synth_dir):
-    cfg = tiny_config(tmp_path, synth_dir, epochs=2)
-    run_py(["train.py", "--cfg", cfg, "--time-budget", "1s"])
+def test_one_process_run_continues_on_two(tmp_path, trained_run):
+    (tmp_path / "run").mkdir()
+    shutil.copy(f"{trained_run[0]}/run/previous.pt", tmp_path / "run" / "last.pt")  # two of three epochs done
     written = state(tmp_path / "run" / "last.pt")
-    out = torchrun(["train.py", "--resume", str(tmp_path / "run" / "last.pt")]).stdout
-    assert "was written by 1 process(es) and resumes with 2" in out and "epoch 2/2 |" in out
+    out = torchrun(["train.py", "--resume", str(tmp_path / "run" / "last.pt"), "--out_dir", str(tmp_path / "run")]).stdout
+    assert "was written by 1 process(es) and resumes with 2" in out and "epoch 3/3 |" in out
     resumed = state(tmp_path / "run" / "last.pt")
-    one, two = written["step"], steps_per_epoch(out, 2, 2)
-    assert resumed["epoch"] == 1 and len(resumed["rng"]) == 2 and two < one
-    assert resumed["step"] == 2 * two and resumed["scheduler"]["last_epoch"] == resumed["step"]
-    assert adam_steps(resumed) == {one + two}
+    one, two = written["step"] // 2, steps_per_epoch(out, 3, 3)
+    assert resumed["epoch"] == 2 and len(resumed["rng"]) == 2 and two < one
+    assert resumed["step"] == 3 * two and resumed["scheduler"]["last_epoch"] == resumed["step"]
+    assert adam_steps(resumed) == {written["step"] + two}
     assert resumed["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.0, abs=1e-9)  # the cosine's end
 
 
-def test_resume_auto_takes_this_runs_newest_checkpoint_from_a_previous_session(tmp_path, synth_dir):
+def test_resume_auto_takes_this_runs_newest_checkpoint_from_a_previous_session(tmp_path, synth_dir, trained_run,
+                                                                              capsys):
     """A new Kaggle session: out_dir is empty, the previous session's output is mounted read-only under the folder
     resume_dirs names, beside another run's checkpoints."""
-    first = tmp_path / "earlier_session"
-    first.mkdir()
-    run_py(["train.py", "--cfg", tiny_config(first, synth_dir, epochs=3), "--time-budget", "1s"])
-    other = tmp_path / "other"
-    other.mkdir()
-    run_py(["train.py", "--cfg", tiny_config(other, synth_dir, epochs=2, lr=0.001)])
+    import train
     mounted = tmp_path / "input"
-    shutil.copytree(first / "run", mounted / "my-notebook" / "ckpt")
-    shutil.copytree(other / "run", mounted / "older-notebook" / "ckpt")  # epoch 1 of another run: higher, not ours
+    (mounted / "my-notebook" / "ckpt").mkdir(parents=True)
+    (mounted / "older-notebook" / "ckpt").mkdir(parents=True)
+    shutil.copy(f"{trained_run[0]}/run/previous.pt", mounted / "my-notebook" / "ckpt" / "last.pt")  # 2 of 3 epochs
+    other = state(f"{trained_run[0]}/run/last.pt")
+    other["config"]["lr"] = 0.001  # another run, with a higher epoch
+    torch.save(other, mounted / "older-notebook" / "ckpt" / "last.pt")
     work = tmp_path / "working"
     work.mkdir()
-    cfg = tiny_config(work, synth_dir, epochs=3, resume_dirs=str(mounted))
-    out = run_py(["train.py", "--cfg", cfg, "--resume", "auto", "--time-budget", "1s"]).stdout
-    assert f"resumed {mounted}/my-notebook/ckpt/last.pt: 1 of 3 epochs done" in out
+    cfg = tiny_config(work, synth_dir, resume_dirs=str(mounted))
+    out = run_py(["train.py", "--cfg", cfg, "--resume", "auto"]).stdout
+    assert f"resumed {mounted}/my-notebook/ckpt/last.pt: 2 of 3 epochs done" in out
     assert "checkpoint(s) of other runs left alone" in out and "older-notebook" in out
-    assert state(work / "run" / "last.pt")["epoch"] == 1
+    assert "epoch 3/3 |" in out and state(work / "run" / "last.pt")["epoch"] == 2
 
     fresh = tmp_path / "fresh"
     fresh.mkdir()
-    out = run_py(["train.py", "--cfg", tiny_config(fresh, synth_dir, epochs=1, resume_dirs=str(tmp_path / "none")),
-                  "--resume", "auto"]).stdout
+    train.main(["--cfg", tiny_config(fresh, synth_dir, epochs=1, resume_dirs=str(tmp_path / "none")),
+                "--resume", "auto"])
+    out = capsys.readouterr().out
     assert f"--resume auto: no checkpoint of this run in {fresh}/run, {tmp_path}/none; starting fresh" in out
+    assert state(fresh / "run" / "last.pt")["epoch"] == 0
 
 
-def test_a_damaged_last_checkpoint_falls_back_to_the_previous_one(tmp_path, synth_dir):
-    cfg = tiny_config(tmp_path, synth_dir, epochs=3)
-    run_py(["train.py", "--cfg", cfg, "--epochs", "2"])
+def test_a_damaged_last_checkpoint_falls_back_to_the_previous_one(tmp_path, synth_dir, trained_run):
+    shutil.copytree(f"{trained_run[0]}/run", tmp_path / "run")
     run_dir = tmp_path / "run"
-    assert state(run_dir / "previous.pt")["epoch"] == 0 and state(run_dir / "last.pt")["epoch"] == 1
+    assert state(run_dir / "previous.pt")["epoch"] == 1 and state(run_dir / "last.pt")["epoch"] == 2
     with open(run_dir / "last.pt", "r+b") as f:
         f.truncate(1000)
-    out = run_py(["train.py", "--cfg", cfg, "--resume", "auto"]).stdout
+    out = run_py(["train.py", "--cfg", tiny_config(tmp_path, synth_dir), "--resume", "auto"]).stdout
     assert f"--resume auto: skipping {run_dir}/last.pt: cannot read checkpoint" in out
-    assert f"resumed {run_dir}/previous.pt: 1 of 3 epochs done" in out and "epoch 2/3 |" in out
+    assert f"resumed {run_dir}/previous.pt: 2 of 3 epochs done" in out and "epoch 3/3 |" in out
     assert state(run_dir / "last.pt")["epoch"] == 2
 
 
@@ -134,7 +126,7 @@ def test_a_run_ends_with_a_summary_of_commands_that_work(trained_run, tmp_path):
     """The summary's next commands, run as printed."""
     tmp, cfg = trained_run
     out = run_py(["train.py", "--resume", f"{tmp}/run"]).stdout  # every epoch done: the summary alone
-    assert "all 2 epochs were done already" in out
+    assert "all 3 epochs were done already" in out
     ckpt = state(f"{tmp}/run/best.pt")
     assert f"done: best epoch {ckpt['best_epoch'] + 1}, validation EER {ckpt['best_eer']:.4f}" in out
     commands = [line.split() for line in out.split("next:\n")[1].splitlines() if line.startswith("  python ")]

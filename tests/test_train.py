@@ -12,7 +12,8 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, TINY_ARCH, free_port, run_py, tiny_config
+from conftest import (METHOD_RUNS, ONE_THREAD, ROOT, TINY_ARCH, free_port, on_a_full_disk, run_py, tiny_config,
+                      torchrun, torchrun_line)
 from errors import UserError
 
 
@@ -20,7 +21,9 @@ def trainable(path):
     return torch.load(path, map_location="cpu", weights_only=True)["model"]
 
 
-def test_config_errors_come_before_any_work(tmp_path, synth_dir):
+def test_config_errors_come_before_any_work(tmp_path, synth_dir, capsys):
+    import train
+    from errors import run_cli
     cfg = tiny_config(tmp_path, synth_dir)
     cases = [(["--cfg", cfg, "--learning_rate", "1"], "unknown config key 'learning_rate'"),
              (["--cfg", cfg, "--epochs", "three"], "config key 'epochs' needs a int, got 'three'"),
@@ -31,8 +34,9 @@ def test_config_errors_come_before_any_work(tmp_path, synth_dir):
     (tmp_path / "typo.yaml").write_text("epochz: 3\n")
     cases.append((["--cfg", str(tmp_path / "typo.yaml")], "typo.yaml: unknown config key 'epochz'"))
     for args, message in cases:
-        proc = run_py(["train.py", *args], check=False)
-        assert proc.returncode != 0 and message in proc.stderr, (args, proc.stderr[-500:])
+        status = run_cli(train.main, args)
+        err = capsys.readouterr().err
+        assert status == 1 and message in err and len(err.splitlines()) == 1, (args, err[-500:])
     assert not os.path.exists(tmp_path / "run") and not os.path.exists(tmp_path / "cache")
 
 
@@ -52,74 +56,84 @@ def test_every_gpu_config_names_the_data_sets_own_files(name, folder):
     assert cfg["img_size"] > 224 and cfg["cache_dir"].startswith(("/kaggle/working", "/data"))
 
 
-def test_sigkill_mid_epoch_then_resume_auto_matches_an_uninterrupted_run(tmp_path, synth_dir):
-    straight = tmp_path / "straight"
-    straight.mkdir()
-    run_py(["train.py", "--cfg", tiny_config(straight, synth_dir)])
-    killed = tmp_path / "killed"
-    killed.mkdir()
-    cfg = tiny_config(killed, synth_dir)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "train.py", "--cfg", cfg], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+def killed_in_epoch_2(command, cwd=ROOT):
+    """Start a training command and SIGKILL it, with every process it started, once epoch 2 is under way (epoch 1's
+    checkpoint is on disk)."""
+    proc = subprocess.Popen(command, cwd=cwd, env={**os.environ, **ONE_THREAD}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
     seen = []
-    for line in proc.stdout:  # kill once epoch 2 is under way (epoch 1's checkpoint is on disk)
+    for line in proc.stdout:
         seen.append(line)
-        if line.startswith("epoch 2/3 ["):
-            proc.send_signal(signal.SIGKILL)
+        if re.match(r"epoch 2/\d+ \[", line):
+            os.killpg(proc.pid, signal.SIGKILL)
             break
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL, "".join(seen)
-    first = torch.load(killed / "run" / "last.pt", weights_only=True)
-    assert first["epoch"] == 0
-    out = run_py(["train.py", "--cfg", cfg, "--resume", "auto"]).stdout
-    assert "resumed" in out and "epoch 2/3" in out and "epoch 1/3 |" not in out
-    a = torch.load(straight / "run" / "last.pt", weights_only=True)
-    b = torch.load(killed / "run" / "last.pt", weights_only=True)
-    assert a["epoch"] == b["epoch"] == 2 and a["step"] == b["step"]
+
+
+def assert_same_training_state(a_path, b_path):
+    """Two last.pt files hold the same run state: epoch, step, validation, weights, optimiser and RNG."""
+    a, b = (torch.load(p, weights_only=True) for p in (a_path, b_path))
+    assert a["epoch"] == b["epoch"] and a["step"] == b["step"]
     assert a["val"] == b["val"] and a["best_eer"] == b["best_eer"] and a["threshold"] == b["threshold"]
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
+    for k, state in a["optimizer"]["state"].items():
+        for name, value in state.items():
+            assert torch.equal(value, b["optimizer"]["state"][k][name]), (k, name)
+    assert len(a["rng"]) == len(b["rng"]) and all(torch.equal(x["augment"], y["augment"])
+                                                  for x, y in zip(a["rng"], b["rng"]))
+
+
+def test_sigkill_mid_epoch_then_resume_auto_matches_an_uninterrupted_run(tmp_path, synth_dir, train_once):
+    straight, _, _ = train_once()
+    cfg = tiny_config(tmp_path, synth_dir)
+    killed_in_epoch_2([sys.executable, "train.py", "--cfg", cfg])
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["epoch"] == 0
+    out = run_py(["train.py", "--cfg", cfg, "--resume", "auto"]).stdout
+    assert "resumed" in out and "epoch 2/3" in out and "epoch 1/3 |" not in out
+    assert_same_training_state(f"{straight}/run/last.pt", tmp_path / "run" / "last.pt")
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["epoch"] == 2
 
 
 def test_resume_with_another_config_is_refused(trained_run):
     tmp, cfg = trained_run
     proc = run_py(["train.py", "--cfg", cfg, "--resume", f"{tmp}/run/last.pt", "--img_size", "112",
-                   "--epochs", "3"], check=False)
+                   "--epochs", "4"], check=False)
     assert proc.returncode != 0
     assert "was trained with another config" in proc.stderr and "img_size: 56 in the checkpoint, 112 now" in proc.stderr
     proc = run_py(["train.py", "--resume", f"{tmp}/run/nothing.pt"], check=False)
     assert proc.returncode == 1 and proc.stderr == f"{tmp}/run/nothing.pt: no such checkpoint\n"
 
 
-def test_a_checkpoint_from_before_the_method_key_resumes_as_promptcam(trained_run, tmp_path):
+@pytest.mark.xdist_group("promptcam")
+def test_a_checkpoint_from_before_the_method_key_resumes_as_promptcam(promptcam_run, tmp_path):
     """Runs saved before `method` existed were promptcam runs; the default is traits."""
-    tmp, cfg = trained_run
+    tmp, cfg = promptcam_run
     ckpt = torch.load(f"{tmp}/run/last.pt", weights_only=True)
     for key in ("method", "margin", "scale", "trait_prompts"):
         del ckpt["config"][key]
     old = tmp_path / "old"
     old.mkdir()
     torch.save(ckpt, old / "last.pt")
-    run_py(["train.py", "--resume", str(old / "last.pt"), "--epochs", "3", "--out_dir", str(old)])
-    resumed = torch.load(old / "last.pt", weights_only=True)
-    assert resumed["epoch"] == 2 and resumed["config"]["method"] == "promptcam"
+    import train  # resumed in this process up to its first step: the model it rebuilds and the weights it loads
+    _, cfg, resume = train.configure(["--resume", str(old / "last.pt"), "--epochs", "4", "--out_dir", str(old)])
+    procs = train.start_processes(cfg)
+    run = train.start_run(cfg, train.load_train_set(cfg, procs, resume), procs, resume)
+    assert cfg["method"] == "promptcam" and run.raw.method == "promptcam" and run.first_epoch == 3
+    for name, value in run.raw.trainable_state().items():
+        assert torch.equal(value, ckpt["model"][name]), name
 
 
 def test_a_failed_save_leaves_the_previous_checkpoint_intact(trained_run):
     tmp, _ = trained_run
     last = f"{tmp}/run/last.pt"
     before = open(last, "rb").read()
-    # a file-size limit makes writes fail like a full disk (EFBIG instead of ENOSPC)
-    code = ("import resource, signal, torch, data; "
-            "signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
-            "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096)); "
-            f"data.save_atomically({{'x': torch.zeros(100000)}}, {last!r})")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    proc = on_a_full_disk(f"import torch, data; data.save_atomically({{'x': torch.zeros(100000)}}, {last!r})", 4096)
     assert proc.returncode != 0 and f"could not save {last}" in proc.stderr
     assert "the previous last.pt is intact" in proc.stderr
     assert open(last, "rb").read() == before and not glob.glob(f"{tmp}/run/*.tmp")
-    assert torch.load(last, weights_only=True)["epoch"] == 1
+    assert torch.load(last, weights_only=True)["epoch"] == 2
 
 
 # Reports every file a non-zero rank creates, changes or removes under the run's folder or the repo
@@ -142,33 +156,41 @@ sys.addaudithook(hook)
 """
 
 
-def test_torchrun_two_processes_agree_and_only_rank0_writes(tmp_path, synth_dir):
-    (tmp_path / "audit").mkdir()
-    (tmp_path / "audit" / "sitecustomize.py").write_text(AUDIT)
-    cfg = tiny_config(tmp_path, synth_dir, epochs=2)
-    env = {**os.environ, "PYTHONPATH": str(tmp_path / "audit"), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-           "AUDIT_ROOTS": f"{tmp_path}:{ROOT}"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           str(free_port()), "train.py", "--cfg", cfg], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, output[-3000:]
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory, synth_dir):
+    """Two epochs with torchrun's two processes, every file a non-zero rank writes reported: (folder, output)."""
+    tmp = tmp_path_factory.mktemp("ddp")
+    (tmp / "audit").mkdir()
+    (tmp / "audit" / "sitecustomize.py").write_text(AUDIT)
+    proc = torchrun(["train.py", "--cfg", tiny_config(tmp, synth_dir, epochs=2)],
+                    env={"PYTHONPATH": str(tmp / "audit"), "AUDIT_ROOTS": f"{tmp}:{ROOT}"})
+    return tmp, proc.stdout + proc.stderr
+
+
+def test_torchrun_two_processes_agree_and_only_rank0_writes(two_process_run):
+    tmp, output = two_process_run
     assert "trainable weights identical on all 2 ranks" in output
     assert "RANK1-WROTE" not in output, [line for line in output.splitlines() if "RANK1-WROTE" in line]
     assert output.count("epoch 2/2 |") == 1  # only rank 0 logs
-    ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    ckpt = torch.load(tmp / "run" / "last.pt", weights_only=True)
     assert len(ckpt["rng"]) == 2 and not torch.equal(ckpt["rng"][0]["augment"], ckpt["rng"][1]["augment"])
-    assert sorted(os.listdir(tmp_path / "run")) in (["best.pt", "last.pt", "previous.pt"], ["last.pt", "previous.pt"])
+    assert sorted(os.listdir(tmp / "run")) in (["best.pt", "last.pt", "previous.pt"], ["last.pt", "previous.pt"])
+
+
+def test_two_processes_killed_mid_epoch_resume_to_the_uninterrupted_runs_state(two_process_run, synth_dir, tmp_path):
+    straight, _ = two_process_run
+    cfg = tiny_config(tmp_path, synth_dir, epochs=2)
+    killed_in_epoch_2(torchrun_line("train.py", "--cfg", cfg))
+    assert len(torch.load(tmp_path / "run" / "last.pt", weights_only=True)["rng"]) == 2
+    out = torchrun(["train.py", "--cfg", cfg, "--resume", "auto"]).stdout
+    assert "resumed" in out and "epoch 2/2 |" in out and "bit-identical" not in out
+    assert_same_training_state(straight / "run" / "last.pt", tmp_path / "run" / "last.pt")
 
 
 def test_benchmark_under_torchrun_prints_its_figures_and_writes_nothing(tmp_path, synth_dir):
     cfg = tiny_config(tmp_path, synth_dir)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           str(free_port()), "train.py", "--cfg", cfg, "--benchmark"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = torchrun(["train.py", "--cfg", cfg, "--benchmark"])
     output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, output[-3000:]
     assert output.count("benchmark on CPU (1 threads) x2 process(es), fp32") == 1  # rank 0 only
     for figure in (r"[\d.]+ images/s per process, [\d.]+ in all", r"step time: data \d+%, augmentation \d+%, "
                    r"forward \d+%, backward \d+%, optimiser \d+%", r"peak memory: [\d.]+ GB",
@@ -213,8 +235,10 @@ def test_benchmark_warms_up_every_batch_size_and_every_rank_takes_as_many_steps(
     assert 52 in sizes[0][:-3], sizes  # compiled before the timed steps
 
 
-@pytest.fixture
-def mlflow_server(tmp_path):
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """A real MLflow server on localhost (tests that use it share a worker: xdist_group "mlflow")."""
+    tmp_path = tmp_path_factory.mktemp("mlflow")
     port = free_port()
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
@@ -238,39 +262,22 @@ def mlflow_server(tmp_path):
     server.wait(timeout=30)
 
 
-def test_mlflow_metrics_and_images_read_back_and_resume_continues_the_same_run(tmp_path, synth_dir, mlflow_server):
-    from PIL import Image
-    cfg = tiny_config(tmp_path, synth_dir, epochs=2, tracker="mlflow", mlflow_uri=mlflow_server,
-                      mlflow_experiment="twins-test", log_images_every=2)
-    run_py(["train.py", "--cfg", cfg])
-    run_py(["train.py", "--cfg", cfg, "--epochs", "3", "--resume", "auto"])
-    best = str(tmp_path / "run" / "best.pt")
-    run_py(["evaluate.py", "--ckpt", best, "--out", str(tmp_path / "eval"), "--tracker"])
-    run_py(["cam.py", "--ckpt", best, "--pairs", "test", "--n", "2", "--out", str(tmp_path / "gallery"), "--tracker"])
+def mlflow_logged(uri, run_dir, scratch):
+    """What an MLflow store holds: {run id: (status, val_eer steps, test_eer (value, step)s, {key: [(epoch, file)]})}."""
     from mlflow.tracking import MlflowClient
-    client = MlflowClient(mlflow_server)
-    experiment = client.get_experiment_by_name("twins-test")
-    runs = client.search_runs([experiment.experiment_id])
-    assert len(runs) == 1
-    run = runs[0]
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_eer")] == [0, 1, 2]
-    assert run.data.params["img_size"] == "56" and run.info.status == "FINISHED"
-    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["tracker_run_id"] == run.info.run_id
-    best_epoch = torch.load(best, weights_only=True)["epoch"]
-    metrics = json.load(open(tmp_path / "eval" / "metrics.json"))
-    [test_eer] = client.get_metric_history(run.info.run_id, "test_eer")
-    assert test_eer.value == pytest.approx(metrics["eer"]) and test_eer.step == best_epoch
-    # images: every 2nd epoch and the last, from training; the test ROC and the gallery from the later commands
-    expected = {"val_roc": ["epoch_001.png", "epoch_002.png"], "val_explanation": ["epoch_001.png", "epoch_002.png"],
-                "test_roc": [f"epoch_{best_epoch:03d}.png"], "test_pair_000_twin": [f"epoch_{best_epoch:03d}.png"],
-                "test_pair_001_genuine": [f"epoch_{best_epoch:03d}.png"]}
-    for folder, names in expected.items():
-        listed = sorted(os.path.basename(a.path) for a in client.list_artifacts(run.info.run_id, folder))
-        assert listed == names, (folder, listed)
-        local = client.download_artifacts(run.info.run_id, f"{folder}/{names[-1]}", str(tmp_path / "down"))
-        with Image.open(local) as im:
-            lo, hi = im.convert("L").getextrema()
-            assert im.width > 200 and im.height > 100 and hi - lo > 100
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("twins-test").experiment_id])
+    logged = {}
+    for run in runs:
+        rid = run.info.run_id
+        images = {}
+        for folder in client.list_artifacts(rid):
+            for art in client.list_artifacts(rid, folder.path):
+                epoch = int(re.fullmatch(r"epoch_(\d+)\.png", os.path.basename(art.path)).group(1))
+                images.setdefault(folder.path, []).append((epoch, client.download_artifacts(rid, art.path, scratch)))
+        logged[rid] = (run.info.status == "FINISHED", [m.step for m in client.get_metric_history(rid, "val_eer")],
+                       [(m.value, m.step) for m in client.get_metric_history(rid, "test_eer")], images)
+    return logged
 
 
 def wandb_records(path):
@@ -292,75 +299,134 @@ def wandb_records(path):
             buf = b""
 
 
-def test_wandb_offline_run_files_and_images_read_back_and_resume_the_same_run(tmp_path, synth_dir):
-    from PIL import Image
-    cfg = tiny_config(tmp_path, synth_dir, epochs=2, tracker="wandb", wandb_project="twins-test", log_images_every=1)
-    env = {"WANDB_MODE": "offline", "WANDB_API_KEY": "", "WANDB_SILENT": "true"}
-    run_py(["train.py", "--cfg", cfg], env=env)
-    run_py(["train.py", "--cfg", cfg, "--epochs", "3", "--resume", "auto"], env=env)
-    best = str(tmp_path / "run" / "best.pt")
-    run_py(["evaluate.py", "--ckpt", best, "--out", str(tmp_path / "eval"), "--tracker"], env=env)
-    run_id = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["tracker_run_id"]
-    files = sorted(glob.glob(str(tmp_path / "run" / "wandb" / "offline-run-*" / "run-*.wandb")))
-    assert len(files) == 3 and all(f.endswith(f"run-{run_id}.wandb") for f in files)
-    epochs, images = [], {}
-    for f in files:
+def wandb_logged(uri, run_dir, scratch):
+    """What offline W&B run files hold, in mlflow_logged's shape (an offline run has no finished status: True)."""
+    logged = {}
+    for f in sorted(glob.glob(f"{run_dir}/wandb/offline-run-*/run-*.wandb")):
+        rid = re.search(r"run-(\w+)\.wandb$", f).group(1)
+        _, steps, tests, images = logged.setdefault(rid, (True, [], [], {}))
         for record in wandb_records(f):
-            if record.WhichOneof("record_type") == "history":
-                items = {}
-                for i in record.history.item:  # an image is nested: its fields under the logged key
-                    key = [i.key] if i.key else list(i.nested_key)
-                    if len(key) == 1:
-                        items[key[0]] = json.loads(i.value_json)
-                    else:
-                        items.setdefault(key[0], {})[key[1]] = json.loads(i.value_json)
-                if "val_eer" in items:
-                    epochs.append(items["epoch"])
-                    assert 0 <= items["val_eer"] <= 1 and items["images_per_s"] > 0
-                for key, value in items.items():
-                    if isinstance(value, dict) and value.get("_type") == "image-file":
-                        images.setdefault(key, []).append(os.path.join(os.path.dirname(f), "files", value["path"]))
-                if "test_eer" in items:
-                    assert items["test_eer"] == pytest.approx(json.load(open(tmp_path / "eval" / "metrics.json"))["eer"])
-    assert epochs == [0, 1, 2]
-    assert {k: len(v) for k, v in images.items()} == {"val_roc": 3, "val_explanation": 3, "test_roc": 1}
-    for path in sum(images.values(), []):
+            if record.WhichOneof("record_type") != "history":
+                continue
+            items = {}
+            for i in record.history.item:  # an image is nested: its fields under the logged key
+                key = [i.key] if i.key else list(i.nested_key)
+                if len(key) == 1:
+                    items[key[0]] = json.loads(i.value_json)
+                else:
+                    items.setdefault(key[0], {})[key[1]] = json.loads(i.value_json)
+            steps += [items["epoch"]] if "val_eer" in items else []
+            tests += [(items["test_eer"], items["epoch"])] if "test_eer" in items else []
+            for key, value in items.items():
+                if isinstance(value, dict) and value.get("_type") == "image-file":
+                    images.setdefault(key, []).append((items["epoch"], os.path.join(os.path.dirname(f), "files",
+                                                                                    value["path"])))
+    return logged
+
+
+TRACKERS = {"mlflow": mlflow_logged, "wandb": wandb_logged}
+
+
+@pytest.mark.parametrize("kind", [pytest.param("mlflow", marks=pytest.mark.xdist_group("mlflow")), "wandb"])
+def test_a_tracked_run_logs_its_session_and_the_tests_to_one_run(kind, tmp_path, synth_dir, request):
+    """A budget-stopped session, its resume, evaluate.py --tracker and cam.py --tracker: one tracker run holding
+    every epoch's metrics, the figures of every 2nd and the last epoch, and the test results at the best epoch
+    (MLflow on a real server, W&B offline)."""
+    from PIL import Image
+    uri = request.getfixturevalue("mlflow_server") if kind == "mlflow" else None
+    env = {"WANDB_MODE": "offline", "WANDB_API_KEY": "", "WANDB_SILENT": "true"}
+    cfg = tiny_config(tmp_path, synth_dir, tracker=kind, mlflow_uri=uri, mlflow_experiment="twins-test",
+                      wandb_project="twins-test", log_images_every=2)
+    work = tmp_path / "work"  # the user's current folder: nothing may land there
+    work.mkdir()
+    train, evaluate, cam = (os.path.join(ROOT, script) for script in ("train.py", "evaluate.py", "cam.py"))
+    run_py([train, "--cfg", cfg, "--time-budget", "0.01s"], cwd=work, env=env)
+    run_py([train, "--cfg", cfg, "--resume", "auto"], cwd=work, env=env)
+    run = tmp_path / "run"
+    run_py([evaluate, "--ckpt", str(run), "--out", str(tmp_path / "eval"), "--tracker", "--bootstrap", "50"],
+           cwd=work, env=env)
+    run_py([cam, "--ckpt", str(run), "--pairs", "test", "--n", "2", "--out", str(tmp_path / "gallery"),
+            "--tracker"], cwd=work, env=env)
+    assert os.listdir(work) == []
+    logged = TRACKERS[kind](uri, run, str(tmp_path / "down"))
+    best = torch.load(run / "best.pt", weights_only=True)["epoch"]
+    assert list(logged) == [torch.load(run / "last.pt", weights_only=True)["tracker_run_id"]]
+    [(finished, epochs, tests, images)] = logged.values()
+    assert finished and epochs == [0, 1, 2]
+    assert tests == [(pytest.approx(json.load(open(tmp_path / "eval" / "metrics.json"))["eer"]), best)]
+    assert {k: sorted(e for e, _ in v) for k, v in images.items()} == {
+        "val_roc": [1, 2], "val_explanation": [1, 2], "test_roc": [best], "test_pair_000_twin": [best],
+        "test_pair_001_genuine": [best]}
+    for _, path in sum(images.values(), []):
         with Image.open(path) as im:
             lo, hi = im.convert("L").getextrema()
             assert im.width > 200 and im.height > 100 and hi - lo > 100
 
 
-def test_a_tracker_that_fails_warns_once_and_training_goes_on(tmp_path, synth_dir):
-    cfg = tiny_config(tmp_path, synth_dir, epochs=1, tracker="mlflow", mlflow_uri=f"http://127.0.0.1:{free_port()}")
-    proc = run_py(["train.py", "--cfg", cfg], env={"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"})
-    assert proc.stderr.count("mlflow tracking unavailable") == 1
-    assert os.path.exists(tmp_path / "run" / "last.pt")
-    proc = run_py(["train.py", "--cfg", cfg, "--tracker", "wandb", "--out_dir", str(tmp_path / "run2")],
-                  env={"WANDB_MODE": "", "WANDB_API_KEY": ""})
-    assert "no W&B API key" in proc.stderr and os.path.exists(tmp_path / "run2" / "last.pt")
+def test_mlflow_without_a_server_keeps_its_store_and_figures_in_the_run_folder(tmp_path, monkeypatch):
+    """No mlflow_uri and no MLFLOW_TRACKING_URI: an SQLite store in out_dir, the figures beside it, nothing in the
+    folder the command runs in."""
+    from PIL import Image
+    from mlflow.tracking import MlflowClient
+    from tracking import make_tracker
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    cfg = {"tracker": "mlflow", "mlflow_uri": "", "mlflow_experiment": "", "run_name": "", "out_dir": "run"}
+    tracker = make_tracker(cfg)
+    tracker.log_metrics({"val_eer": 0.25}, 0)
+    tracker.log_image("val_roc", Image.new("RGB", (300, 200), (255, 0, 0)), 0)
+    tracker.finish()
+    assert sorted(os.listdir(tmp_path)) == ["run"] and sorted(os.listdir("run")) == ["mlartifacts", "mlflow.db"]
+    client = MlflowClient(f"sqlite:///{tmp_path}/run/mlflow.db")
+    run = client.get_run(tracker.run_id)
+    assert run.info.status == "FINISHED" and run.data.metrics == {"val_eer": 0.25}
+    with Image.open(client.download_artifacts(tracker.run_id, "val_roc/epoch_000.png", str(tmp_path))) as im:
+        assert im.size == (300, 200) and im.getpixel((0, 0)) == (255, 0, 0)
 
 
-def test_time_budget_stops_cleanly_after_a_saved_epoch(tmp_path, synth_dir):
-    cfg = tiny_config(tmp_path, synth_dir, epochs=4)
-    out = run_py(["train.py", "--cfg", cfg, "--time-budget", "1s"]).stdout
-    assert "time budget: stopping before epoch 2 would pass it" in out and "epoch 2/4 |" not in out
-    assert f"python train.py --cfg {cfg} --time-budget 1s --resume auto" in out and "stopped early: best epoch 1" in out
-    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["epoch"] == 0
-    out = run_py(["train.py", "--cfg", cfg, "--resume", "auto", "--time-budget", "1h"]).stdout
-    assert "epoch 2/4 |" in out and "epoch 4/4 |" in out
-    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["epoch"] == 3
+def test_a_tracker_that_cannot_start_warns_once_and_tracks_nothing(monkeypatch):
+    from tracking import make_tracker
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("WANDB_MODE", "")
+    monkeypatch.setenv("WANDB_API_KEY", "")
+    cfg = {"tracker": "mlflow", "mlflow_uri": f"http://127.0.0.1:{free_port()}", "mlflow_experiment": "",
+           "run_name": "", "out_dir": "run", "wandb_project": "x", "wandb_entity": ""}
+    for kind, message in (("mlflow", "mlflow tracking unavailable"), ("wandb", "no W&B API key")):
+        with pytest.warns(UserWarning, match=message) as warned:
+            tracker = make_tracker({**cfg, "tracker": kind})
+        assert len(warned) == 1 and tracker.kind == "none"
 
 
-def test_arcface_method_trains_evaluates_writes_its_backbone_and_keeps_its_method(tmp_path, synth_dir):
+@pytest.mark.xdist_group("mlflow")
+def test_a_tracker_that_fails_mid_run_warns_once_and_training_goes_on(tmp_path, synth_dir, mlflow_server):
+    """The server refuses the run after epoch 1 (it was deleted there): one warning, and the run trains to its end."""
+    from mlflow.tracking import MlflowClient
+    cfg = tiny_config(tmp_path, synth_dir, epochs=2, tracker="mlflow", mlflow_uri=mlflow_server)
+    proc = subprocess.Popen([sys.executable, "train.py", "--cfg", cfg], cwd=ROOT, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env={**os.environ, **ONE_THREAD})
+    for line in proc.stdout:
+        if line.startswith("epoch 1/2 |"):  # epoch 1 tracked and saved
+            MlflowClient(mlflow_server).delete_run(torch.load(tmp_path / "run" / "last.pt",
+                                                              weights_only=True)["tracker_run_id"])
+            break
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and "epoch 2/2 |" in out, err[-2000:]
+    assert err.count("mlflow tracking failed") == 1 and "training goes on untracked" in err
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["epoch"] == 1
+
+
+@pytest.mark.xdist_group("arcface")
+def test_arcface_method_trains_evaluates_writes_its_backbone_and_keeps_its_method(tmp_path, train_once, capsys):
     import model
-    cfg = tiny_config(tmp_path, synth_dir, epochs=2, method="arcface", train_blocks=1)
-    run_py(["train.py", "--cfg", cfg])
-    run = tmp_path / "run"
+    import train
+    from errors import run_cli
+    tmp, cfg, _ = train_once(**METHOD_RUNS["arcface"])
+    run = f"{tmp}/run"
     assert {"best.pt", "last.pt", "backbone.pth"} <= set(os.listdir(run))
-    ckpt = model.read_training_checkpoint(str(run / "best.pt"))
+    ckpt = model.read_training_checkpoint(f"{run}/best.pt")
     assert ckpt["model_args"]["method"] == "arcface"
     trained = model.verifier_from_checkpoint(ckpt, "best.pt").eval()
-    backbone = model.load_vit(str(run / "backbone.pth"), 56).eval()  # strictly, as `arch: backbone.pth`
+    backbone = model.load_vit(f"{run}/backbone.pth", 56).eval()  # strictly, as `arch: backbone.pth`
     x = torch.randn(2, 3, 56, 56)
     with torch.no_grad():
         torch.testing.assert_close(backbone(x), trained.vit(x), atol=1e-6, rtol=0)
@@ -369,14 +435,14 @@ def test_arcface_method_trains_evaluates_writes_its_backbone_and_keeps_its_metho
     with pytest.raises(UserError, match="best.pt: was trained on other backbone weights than .* holds now"):
         model.verifier_from_checkpoint(ckpt, "best.pt")
 
-    run_py(["evaluate.py", "--ckpt", str(run / "best.pt"), "--out", str(tmp_path / "eval")])
+    run_py(["evaluate.py", "--ckpt", f"{run}/best.pt", "--out", str(tmp_path / "eval")])
     metrics = json.load(open(tmp_path / "eval" / "metrics.json"))
     assert metrics["n_genuine"] > 0 and metrics["n_twin"] > 0 and 0 <= metrics["eer"] <= 1
-    proc = run_py(["train.py", "--cfg", cfg, "--epochs", "3", "--method", "promptcam", "--resume", str(run)],
-                  check=False)
-    assert proc.returncode != 0 and "method: 'arcface' in the checkpoint, 'promptcam' now" in proc.stderr
-    proc = run_py(["train.py", "--cfg", cfg, "--method", "siamese"], check=False)
-    assert proc.returncode != 0 and "'method' must be one of ('promptcam', 'arcface', 'traits')" in proc.stderr
+    for argv, message in ((["--cfg", cfg, "--epochs", "4", "--method", "promptcam", "--resume", run],
+                           "method: 'arcface' in the checkpoint, 'promptcam' now"),
+                          (["--cfg", cfg, "--method", "siamese"],
+                           "'method' must be one of ('promptcam', 'arcface', 'traits')")):
+        assert run_cli(train.main, argv) == 1 and message in capsys.readouterr().err
 
 
 def test_eta_counts_the_steady_epochs_not_a_slow_first_one():
@@ -406,7 +472,7 @@ def test_tracker_flag_on_an_untracked_run_is_refused(trained_run):
         assert proc.returncode != 0 and "its run was not tracked (tracker none)" in proc.stderr
 
 
-def test_check_rehearses_the_run_and_refuses_a_batch_that_would_not_fit(tmp_path, synth_dir):
+def test_check_rehearses_the_run_and_refuses_a_batch_that_would_not_fit(tmp_path, synth_dir, capsys):
     cfg = tiny_config(tmp_path, synth_dir)
     out = run_py(["train.py", "--cfg", cfg, "--check", "--time-budget", "2s", "--gpu", "t4"]).stdout
     steps = re.search(r"the whole run \(3 epochs of (\d+) steps\) takes about", out)
@@ -415,9 +481,10 @@ def test_check_rehearses_the_run_and_refuses_a_batch_that_would_not_fit(tmp_path
     assert re.search(r"peak memory [\d.]+ GiB per process, estimated for fp16, of 14.6 GiB on the config's gpu t4: fits",
                      out)
     assert not os.path.exists(tmp_path / "run")  # no checkpoint, no folder
-    proc = run_py(["train.py", "--cfg", cfg, "--check", "--gpu", "2080ti", "--batch_size", "60000"], check=False)
-    assert proc.returncode == 1 and "batch_size 60000 does not fit the config's gpu 2080ti" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    import train
+    from errors import run_cli
+    assert run_cli(train.main, ["--cfg", cfg, "--check", "--gpu", "2080ti", "--batch_size", "60000"]) == 1
+    assert "batch_size 60000 does not fit the config's gpu 2080ti" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
@@ -455,13 +522,13 @@ def epoch_lines(out):
                                                                   out, re.M)]
 
 
-@pytest.mark.parametrize("method", ["traits", "arcface", "promptcam"])
-def test_each_method_learns_and_a_vanishing_learning_rate_does_not(method, tmp_path, synth_dir):
+@pytest.mark.parametrize("method", [pytest.param(m, marks=pytest.mark.xdist_group(m)) for m in METHOD_RUNS])
+def test_each_method_learns_and_a_vanishing_learning_rate_does_not(method, tmp_path, synth_dir, train_once):
     """On the tiny set the default learning rate takes traits' and arcface's validation EER from about 0.35 untrained
     to under 0.1 in three epochs; promptcam's loss falls. At lr 1e-9 nothing moves (the loss by augmentation alone)."""
-    learned = epoch_lines(run_py(["train.py", "--cfg", tiny_config(tmp_path, synth_dir, method=method)]).stdout)
-    frozen = epoch_lines(run_py(["train.py", "--cfg", tiny_config(tmp_path, synth_dir, method=method, epochs=2,
-                                                                   lr=1e-9, out_dir=f"{tmp_path}/still")]).stdout)
+    learned = epoch_lines(train_once(**METHOD_RUNS[method])[2])
+    frozen = epoch_lines(run_py(["train.py", "--cfg", tiny_config(tmp_path, synth_dir, epochs=2, lr=1e-9,
+                                                                   **METHOD_RUNS[method])]).stdout)
     assert len(learned) == 3 and len(frozen) == 2
     assert frozen[0][1] == frozen[1][1] and abs(frozen[0][0] - frozen[1][0]) < 0.2, frozen  # augmentation alone
     if method == "promptcam":  # its loss falls (8.27 to 7.94 in three epochs), its twins do not yet separate

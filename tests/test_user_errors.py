@@ -14,7 +14,7 @@ from PIL import Image
 
 import data
 import train
-from conftest import ROOT, run_py, tiny_config
+from conftest import ROOT, run_py, tiny_config, write_set
 from errors import UserError, run_cli
 
 SIDE = 40
@@ -130,21 +130,6 @@ def test_trait_prompts_that_do_not_fit_the_patch_grid_are_refused(tmp_path, synt
     assert "epoch 1/3" not in out.out
 
 
-def write_set(folder, people, pairs, size=24):
-    """A tiny info/pairs pair on disk; people: {id: n_images}."""
-    info = {}
-    for pid, n in people.items():
-        (folder / pid).mkdir(parents=True, exist_ok=True)
-        info[pid] = []
-        for k in range(n):
-            path = str(folder / pid / f"{k}.jpg")
-            Image.new("RGB", (size, size), (10 * k, 50, 200)).save(path)
-            info[pid].append(path)
-    (folder / "info.json").write_text(json.dumps(info))
-    (folder / "pairs.json").write_text(json.dumps(pairs))
-    return info
-
-
 def one_line_exit(args, message, cwd=ROOT):
     """A user's mistake: exit 1 with its message, and no traceback."""
     proc = run_py(args, cwd=cwd, check=False)
@@ -154,7 +139,7 @@ def one_line_exit(args, message, cwd=ROOT):
 
 
 def test_data_problems_are_one_message_from_every_entry_point(tmp_path):
-    info = write_set(tmp_path, {"1": 3, "2": 3, "3": 1, "4": 2}, [["1", "2"], ["3", "99"]])
+    _, _, info = write_set(tmp_path, {"1": 3, "2": 3, "3": 1, "4": 2}, [["1", "2"], ["3", "99"]])
     info["2"].append(info["2"][0])  # a path listed twice
     (tmp_path / "info.json").write_text(json.dumps(info))
     cfg = tmp_path / "cfg.yaml"
@@ -194,7 +179,7 @@ def test_data_moved_before_a_resume_shows_the_path_remap_line(trained_run, synth
     info = {k: [p.replace(synth_dir, str(tmp_path / "gone")) for p in v] for k, v in info.items()}
     (tmp_path / "train_info.json").write_text(json.dumps(info))
     proc = one_line_exit(["train.py", "--resume", f"{tmp}/run/last.pt", "--train_info", str(tmp_path / "train_info.json"),
-                          "--train_pairs", str(tmp_path / "train_pairs.json"), "--epochs", "3"],
+                          "--train_pairs", str(tmp_path / "train_pairs.json"), "--epochs", "4"],
                          f"images under {tmp_path}/gone/images are missing; if the data set is elsewhere on this machine,"
                          f" add to the config: path_remap: {tmp_path}/gone/images=/where/it/is/now")
     assert proc.stderr.index("path_remap:") < proc.stderr.index("image file not found")
@@ -228,9 +213,10 @@ def test_every_place_a_command_writes_is_made_or_checked_before_its_work(trained
 
 def test_decode_workers_end_when_their_parent_is_killed(tmp_path):
     """SIGKILL mid-decode: no worker may decode on alone."""
-    for k in range(400):
-        Image.fromarray(np.random.default_rng(k).integers(0, 256, (700, 700, 3), dtype=np.uint8)).save(
-            tmp_path / f"{k}.png", compress_level=0)
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (700, 700, 3), dtype=np.uint8)).save(
+        tmp_path / "0.png", compress_level=0)
+    for k in range(1, 400):  # the same picture under 400 names: each still decoded on its own
+        os.link(tmp_path / "0.png", tmp_path / f"{k}.png")
     paths = [str(tmp_path / f"{k}.png") for k in range(400)]
     script = f"import data; data.build_cache({paths!r}, 224, {str(tmp_path / 'cache')!r})"
     parent = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, text=True,
