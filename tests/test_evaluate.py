@@ -43,13 +43,18 @@ def test_metrics_against_hand_counts(case):
                             {f: v if v is None else pytest.approx(v) for f, v in value.items()}), key
 
 
+def weighted_tied_scores(seed):
+    """Scores on a coarse grid (many ties), the genuine ones lifted, integer weights: (scores, genuine, weights)."""
+    rng = np.random.default_rng(seed)
+    scores = rng.integers(0, 20, 400) / 20.0
+    genuine = rng.random(400) < 0.25
+    scores[genuine] += 0.2
+    return scores, genuine, rng.integers(1, 5, 400).astype(float)
+
+
 def test_roc_auc_and_tar_agree_with_scikit_learn_on_weighted_tied_scores():
     from sklearn.metrics import roc_auc_score, roc_curve
-    rng = np.random.default_rng(1)
-    scores = rng.integers(0, 30, 500) / 30.0  # many ties
-    genuine = rng.random(500) < 0.2
-    scores[genuine] += 0.25
-    weights = rng.integers(1, 5, 500).astype(float)
+    scores, genuine, weights = weighted_tied_scores(1)
     far, tar, thr = ev.roc(scores, genuine, weights)
     fpr, tpr, thresholds = roc_curve(genuine, scores, sample_weight=weights, drop_intermediate=False)
     np.testing.assert_allclose(far, fpr, atol=1e-12)
@@ -207,11 +212,7 @@ def test_not_a_checkpoint(tmp_path):
 
 
 def test_auc_and_eer_agree_with_a_brute_force_count_over_weighted_tied_scores():
-    rng = np.random.default_rng(0)
-    scores = rng.integers(0, 20, 300) / 20.0  # many ties
-    genuine = rng.random(300) < 0.3
-    scores[genuine] += 0.2
-    weights = rng.integers(1, 4, 300).astype(float)
+    scores, genuine, weights = weighted_tied_scores(0)
     r = ev.metrics(scores, genuine, None, weights)
     g, i = np.flatnonzero(genuine), np.flatnonzero(~genuine)
     wins = (scores[g][:, None] > scores[i][None]) + 0.5 * (scores[g][:, None] == scores[i][None])
