@@ -4,9 +4,10 @@ import time
 
 
 class Progress:
-    def __init__(self, total, desc, enabled=True, stream=sys.stdout):
-        self.total, self.desc, self.enabled, self.stream = max(total, 1), desc, enabled, stream
-        self.tty = stream.isatty()
+    def __init__(self, total, desc, enabled=True):
+        # the sys.stdout of now, not of import time: a notebook or a test may have replaced it since
+        self.total, self.desc, self.enabled, self.stream = max(total, 1), desc, enabled, sys.stdout
+        self.tty = self.stream.isatty()
         self.start = time.perf_counter()
         self.done = 0
         self.next_line, self.last_draw = 0.1, 0.0
