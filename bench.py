@@ -163,7 +163,7 @@ def arch_shape(cfg):
     if cfg["arch"] not in model.ARCH_SHAPES:
         raise UserError(f"arch {cfg['arch']!r}: the estimate needs a backbone by name ({', '.join(model.ARCH_SHAPES)}); "
                         f"for a checkpoint file, `python train.py --cfg ... --check` reads its shape")
-    return {k: v for k, v in model.ARCH_SHAPES[cfg["arch"]].items() if k != "native_grid"}
+    return model.named_shape(cfg["arch"])
 
 
 def config_model(cfg, shape, embed_dim=None):

@@ -189,6 +189,17 @@ def cls_scores(vit, images, a, b, device, batch_size=64):
     return scores, t1 - t0, time.perf_counter() - t1
 
 
+def cls_threshold(vit, cfg, remap, device):
+    """The CLS baseline's threshold: its EER on the validation families the model used (None after full: true)."""
+    train = data.load_split(cfg["train_info"], cfg["train_pairs"], remap)
+    _, val = data.hold_out_families(train, 0 if cfg["full"] else cfg["val_families"], cfg["seed"])
+    if val is None:
+        return None
+    a, b, kind, _, _ = protocol_pairs(val)
+    scores, _, _ = cls_scores(vit, data.build_cache(val.paths, cfg["img_size"], cfg["cache_dir"]), a, b, device)
+    return eer_threshold(*roc(scores, kind == GENUINE))
+
+
 def validate(model, images, split, device, precision):
     """Validation during training: the same twin protocol on held-out families; sets the threshold."""
     a, b, kind, _, _ = protocol_pairs(split)
@@ -269,27 +280,21 @@ def main(argv=None):
     split = data.load_split(args.test_info or cfg["test_info"], args.test_pairs or cfg["test_pairs"], remap)
     images = data.build_cache(split.paths, cfg["img_size"], cfg["cache_dir"])
     a, b, kind, fam_a, fam_b = protocol_pairs(split, args.all_impostors)
+    threshold, source = args.threshold, "given by --threshold"
     if args.baseline:
         vit = load_vit(cfg["arch"], cfg["img_size"], cfg["weights_dir"] or None).to(device)
         scores, t_enc, t_score = cls_scores(vit, images, a, b, device)
-        # The baseline's threshold comes from the same validation families the model used.
-        train = data.load_split(cfg["train_info"], cfg["train_pairs"], remap)
-        _, val = data.hold_out_families(train, 0 if cfg["full"] else cfg["val_families"], cfg["seed"])
-        threshold, source = None, "no validation (full: true)"
-        if val is not None:
-            val_images = data.build_cache(val.paths, cfg["img_size"], cfg["cache_dir"])
-            va, vb, vkind, _, _ = protocol_pairs(val)
-            vscores, _, _ = cls_scores(vit, val_images, va, vb, device)
-            threshold, source = eer_threshold(*roc(vscores, vkind == GENUINE)), "its EER on the validation families"
+        if threshold is None:
+            threshold, source = cls_threshold(vit, cfg, remap, device), "its EER on the validation families"
         title = f"CLS cosine baseline ({cfg['arch']})"
     else:
         model = verifier_from_checkpoint(ckpt, args.ckpt, cfg["weights_dir"] or None).to(device)
         scores, t_enc, t_score = verifier_scores(model, images, a, b, device, default_precision(device))
-        threshold = ckpt.get("threshold")
-        source = "no validation (full: true)" if threshold is None else "the validation EER's, saved in the checkpoint"
+        if threshold is None:
+            threshold, source = ckpt.get("threshold"), "the validation EER's, saved in the checkpoint"
         title = f"{model.method} verifier, epoch {ckpt['epoch'] + 1}"
-    if args.threshold is not None:
-        threshold, source = args.threshold, "given by --threshold"
+    if threshold is None:
+        source = "no validation (full: true)"
     t0 = time.perf_counter()
     result = report(scores, kind, fam_a, fam_b, len(split.families), threshold, args.bootstrap)
     t_metrics = time.perf_counter() - t0

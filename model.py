@@ -49,15 +49,22 @@ ARCH_SHAPES = {
     **{name: dict(shape, num_registers=0, layerscale=False, native_grid=None) for name, shape in SCRATCH_ARCHS.items()}}
 
 
+def named_shape(arch):
+    """A named architecture's ViTConfig fields, image size aside."""
+    return {k: v for k, v in ARCH_SHAPES[arch].items() if k != "native_grid"}
+
+
 def random_vit(arch, img_size, seed=0):
     """A ViT of a named architecture with fresh weights (DINOv2's initialisation): the exact model of a config, with
     no download, for memory estimates and rehearsals."""
-    shape = {k: v for k, v in ARCH_SHAPES[arch].items() if k != "native_grid"}
+    shape = named_shape(arch)
     vit = ViT(vit_config(arch, img_size, **shape))
     vit.init_weights(torch.Generator().manual_seed(seed))
     vit.family = "dino" if arch.startswith("dino_") else "dinov2_reg" if shape["num_registers"] else "dinov2"
     vit.fingerprint = backbone_fingerprint(vit.state_dict())
     return vit
+
+
 STEM_CHANNELS, STEM_STRIDE = 32, 2
 FLAT_CHANNELS = 32  # arcface: numbers per patch token in its flattened grid (the head stays small at 448 px)
 

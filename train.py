@@ -13,7 +13,7 @@ import re
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -460,7 +460,6 @@ class Run:
     started: float = field(default_factory=time.perf_counter)
     epoch_times: list = field(default_factory=list)
     stats: dict = field(default_factory=dict)
-    improved: bool = False
     stopped_early: bool = False
     compiled: bool = False
     epoch_started: float = 0.0
@@ -615,12 +614,10 @@ def train_epoch(run, epoch):
 def validate_and_save(run, epoch):
     """Validation EER on rank 0; last.pt every epoch and best.pt when it improves; the tracker; the epoch line."""
     cfg, procs, ts = run.cfg, run.procs, run.train_set
-    run.improved = False
     if procs.master and ts.val_split is not None:
         val = evaluate.validate(run.raw, ts.val_images, ts.val_split, procs.device, procs.precision)
         run.stats.update(val_eer=val["eer"], val_auc=val["auc"])
-        run.improved = val["eer"] < run.best_eer
-        if run.improved:
+        if val["eer"] < run.best_eer:
             run.best_eer, run.threshold, run.best_epoch = val["eer"], val["threshold"], epoch
         every = cfg["log_images_every"]
         if run.tracker.kind != "none" and every and ((epoch + 1) % every == 0 or epoch + 1 == cfg["epochs"]):
@@ -628,7 +625,7 @@ def validate_and_save(run, epoch):
     save_checkpoints(run, epoch)
     run.epoch_times.append(time.perf_counter() - run.epoch_started)
     stats = run.stats
-    val_text = (f"val EER {stats['val_eer']:.4f} AUC {stats['val_auc']:.4f}{' *' if run.improved else ''} | "
+    val_text = (f"val EER {stats['val_eer']:.4f} AUC {stats['val_auc']:.4f}{' *' if run.best_epoch == epoch else ''} | "
                 if "val_eer" in stats else "")
     procs.log(f"epoch {epoch + 1}/{cfg['epochs']} | loss {stats['loss']:.4f} | {val_text}"
               f"{stats['images_per_s']:.0f} img/s | peak mem {stats['peak_memory_gb']:.2f} GB | "
@@ -638,7 +635,8 @@ def validate_and_save(run, epoch):
 
 def save_checkpoints(run, epoch):
     """Every rank's random state gathered; rank 0 writes last.pt (the previous one kept as previous.pt), best.pt
-    when validation improved, and arcface's trained backbone; the tracker gets the epoch's figures."""
+    when validation improved (this epoch is the best), and arcface's trained backbone; the tracker gets the epoch's
+    metrics."""
     procs, raw = run.procs, run.raw
     rng = {"torch": torch.get_rng_state(), "augment": run.augment_rng.get_state(),
            "cuda": torch.cuda.get_rng_state(procs.device) if procs.device.type == "cuda" else None}
@@ -656,11 +654,11 @@ def save_checkpoints(run, epoch):
              "sampler": {"seed": run.cfg["seed"], "next_epoch": epoch + 1}, "best_eer": run.best_eer,
              "best_epoch": run.best_epoch, "threshold": run.threshold,
              "val": {k: v for k, v in run.stats.items() if k.startswith("val")}, "tracker_run_id": run.tracker.run_id}
-    out_dir = run.cfg["out_dir"]
+    out_dir, improved = run.cfg["out_dir"], run.best_epoch == epoch
     data.save_atomically(state, os.path.join(out_dir, "last.pt"), keep_previous=os.path.join(out_dir, "previous.pt"))
-    if run.improved:
+    if improved:
         data.save_atomically(state, os.path.join(out_dir, "best.pt"))
-    if raw.method == "arcface" and (run.improved or run.train_set.val_split is None):
+    if raw.method == "arcface" and (improved or run.train_set.val_split is None):
         # the trained backbone as an official checkpoint: `arch: .../backbone.pth` freezes it elsewhere
         data.save_atomically(official_backbone_state(raw.vit), os.path.join(out_dir, "backbone.pth"))
     run.tracker.log_metrics(run.stats, epoch)
@@ -858,8 +856,7 @@ def estimated_memory(run):
     cfg = run.cfg
     capacity, gpu_precision = GPUS.get(cfg["gpu"], (None, "fp32"))
     precision = gpu_precision if cfg["precision"] == "auto" else cfg["precision"]
-    shape = {k: getattr(run.raw.vit.cfg, k) for k in ("embed_dim", "depth", "patch_size", "num_registers",
-                                                      "layerscale", "conv_stem")}
+    shape = {k: v for k, v in asdict(run.raw.vit.cfg).items() if k != "img_size"}
     peak = sum(bench.training_memory(cfg, shape, capacity, precision)[0].values())
     return (peak, f"estimated for {precision}", capacity,
             f"the config's gpu {cfg['gpu']}" if capacity else "no GPU named (config key gpu)")
