@@ -15,8 +15,8 @@ import torch
 
 import data
 import plots
-from evaluate import GENUINE, TWIN, protocol_pairs
-from errors import UserError, run_cli
+from evaluate import GENUINE, KINDS, TWIN, protocol_pairs
+from errors import UserError, refuse, run_cli
 from model import checkpoint_of_run, read_training_checkpoint, verifier_from_checkpoint
 from tracking import Tracker, tracker_of_checkpoint
 
@@ -120,12 +120,16 @@ def pair_figure(model, image_a, image_b, name_a, name_b, threshold, top, device)
 
 
 def pick_pairs(split, n):
-    """n test pairs, half twin impostors and half genuine, spread evenly through the protocol (deterministic)."""
+    """n test pairs, half twin impostors and half genuine, spread evenly through the protocol (deterministic); each
+    pair once, so fewer where the split has fewer, saying so."""
     a, b, kind, _, _ = protocol_pairs(split)
     chosen = []
     for k, count in ((TWIN, n - n // 2), (GENUINE, n // 2)):
         idx = np.flatnonzero(kind == k)
-        chosen += [(int(a[i]), int(b[i]), k) for i in idx[np.linspace(0, len(idx) - 1, count).round().astype(int)]]
+        if count > len(idx):
+            print(f"--n {n}: the test split has {len(idx)} {KINDS[k]} pairs; each is used once", flush=True)
+        picks = np.linspace(0, len(idx) - 1, min(count, len(idx))).round().astype(int)  # distinct: steps of 1 or more
+        chosen += [(int(a[i]), int(b[i]), k) for i in idx[picks]]
     return chosen
 
 
@@ -190,7 +194,8 @@ def faithfulness(model, ckpt, args, device, n_random=5):
 
 
 def trait_hits(model, ckpt, args, device):
-    """Synthetic twins differ only in known marks: how often does a contrast map's peak patch hold one?"""
+    """Synthetic twins differ only in known marks: how often does where-they-differ peak on a patch holding one, and
+    how often does a part's map (a trait prompt's attention) peak on one, where its reach holds a mark and more?"""
     traits = data.read_json(args.trait_hits, "traits")
     if not isinstance(traits, dict) or "marks" not in traits:
         raise UserError(f"{args.trait_hits}: no 'marks' in it; give the traits.json that `data.py synth` wrote")
@@ -198,18 +203,26 @@ def trait_hits(model, ckpt, args, device):
     split, images = test_images(ckpt, args)
     size = ckpt["config"]["img_size"]
     grid = model.vit.grid
-    cell = size / grid
     hits = chance = total = 0
+    looks = look_chance = reaches = 0
     for a, b, _ in [p for p in pick_pairs(split, 2 * args.n) if p[2] == TWIN][:args.n]:
         evidence = explain_pair(model, images[a], images[b], device)
-        for image, contrast in zip((a, b), evidence.differ):
+        for face, image in enumerate((a, b)):
             with_mark = patches_with_marks(marks[split.paths[image]], data.image_side(split.paths[image]), size, grid)
-            peak = int(np.argmax(contrast))
-            hits += peak in with_mark
+            hits += int(np.argmax(evidence.differ[face])) in with_mark
             chance += len(with_mark) / grid ** 2
             total += 1
-    print(f"contrast-map peak on a differing trait: {hits}/{total} = {hits / total:.1%} of twin images "
-          f"(a random patch would hold one {chance / total:.1%} of the time; patch {cell:.0f}px)")
+            for part in evidence.parts:
+                reach = set(np.flatnonzero(part.maps[face] > 0).tolist())
+                if reach & with_mark and reach - with_mark:
+                    looks += int(np.argmax(part.maps[face])) in with_mark
+                    look_chance += len(reach & with_mark) / len(reach)
+                    reaches += 1
+    print(f"where-they-differ peak on a differing trait: {hits}/{total} = {hits / total:.1%} of twin images "
+          f"(a random patch would hold one {chance / total:.1%} of the time; patch {size / grid:.0f}px)")
+    if reaches:
+        print(f"attention peak on a trait, in maps whose reach holds one and more: {looks}/{reaches} = "
+              f"{looks / reaches:.1%} (a random patch of the reach: {look_chance / reaches:.1%})")
     return hits / total, chance / total
 
 
@@ -247,6 +260,8 @@ def main(argv=None):
                     help="with --pairs, --faithfulness or --trait-hits: also log the figures or figures' checks to the "
                          "training run (the checkpoint's tracker and run id)")
     args = ap.parse_args(argv)
+    refuse([f"--{name} {value}: must be at least 1" for name, value in (("n", args.n), ("heads", args.heads))
+            if value < 1], "arguments")
     modes = sum([bool(args.images), bool(args.pairs), args.faithfulness, bool(args.trait_hits)])
     if modes != 1 or (args.images and len(args.images) != 2):
         ap.error("give two images, or one of --pairs, --faithfulness, --trait-hits")

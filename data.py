@@ -77,13 +77,24 @@ def remap_path(path, path_remap):
 
 
 def read_json(path, what):
+    """A JSON file, or a DataError naming it: missing, not JSON, or an object with a key twice (json.load would keep
+    the last one silently, dropping a person's other list of images)."""
     try:
         with open(path) as f:
-            return json.load(f)
+            return json.load(f, object_pairs_hook=lambda pairs: unique_keys(pairs, path, what))
     except FileNotFoundError:
         raise DataError([f"{path}: {what} file not found; {json_files_beside(path)}"]) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError([f"{path}: {what} file is not valid JSON ({e})"]) from None
+
+
+def unique_keys(pairs, path, what):
+    seen = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise DataError([f"{path}: {what} file has the key {key!r} twice; merge its lists into one"])
+        seen.add(key)
+    return dict(pairs)
 
 
 def json_files_beside(path):
@@ -120,6 +131,10 @@ def load_split(info_path, pairs_path, path_remap=""):
         raise DataError([f"{pairs_path}: expected a list of [id, id] pairs"])
     ids = sorted(info)
     problems, seen = check_path_remap(path_remap, [p for pid in ids for p in info[pid]], info_path), {}
+    if not ids:
+        problems.append(f"{info_path}: no people in it")
+    if not pairs:
+        problems.append(f"{pairs_path}: no twin pairs in it (the twin protocol needs at least one)")
     for pid in ids:
         if len(info[pid]) < 2:
             problems.append(f"{info_path}: id {pid} has {len(info[pid])} image(s); at least 2 are needed")
@@ -154,6 +169,19 @@ def load_split(info_path, pairs_path, path_remap=""):
     if problems:
         raise DataError(problems, f"data in {info_path} / {pairs_path}")
     return Split(ids=ids, paths=paths, person=torch.tensor(person), families=twin_families(len(ids), twin_pairs))
+
+
+def shared_with_training(test_info, train_ids, train_paths=()):
+    """Problems when test people or test images are also training ones: the test split would then report on what the
+    model was trained on (an AUC of 1.0 that means nothing). Returns one line per kind, naming a few."""
+    info = read_json(test_info, "info")
+    if not isinstance(info, dict):
+        return []  # load_split says what is wrong with it
+    shared_ids = sorted(set(info) & set(train_ids))
+    shared_paths = sorted({p for paths in info.values() if isinstance(paths, list) for p in paths} & set(train_paths))
+    return [f"{test_info}: {len(found)} {what} also in the training split ({', '.join(map(str, found[:3]))}"
+            f"{', ...' if len(found) > 3 else ''}): test people must be unseen"
+            for what, found in (("person id(s)", shared_ids), ("image path(s)", shared_paths)) if found]
 
 
 def twin_families(n, pairs):
@@ -209,6 +237,9 @@ def decode_rgb(path, size):
         raise UserError(f"{path}: {w}x{h} px is too small to hold a face at the model's {size}-px input (at least "
                         f"{min_side(size)} px a side)")
     im = im.crop(((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side))
+    if all(lo == hi for lo, hi in im.getextrema()):
+        raise UserError(f"{path}: one flat colour {im.getpixel((0, 0))}, no face (a blank or fully transparent "
+                        f"picture?)")
     return np.asarray(im.resize((size, size), Image.BICUBIC)).copy()
 
 
@@ -378,11 +409,16 @@ class FamilyBatches:
 
 # ---------------------------------------------------------------- on-device augmentation
 
+_NORMALISATION = {}  # device -> ImageNet mean and std (1, 3, 1, 1), made once: a copy to the GPU per step would sync
+
+
 def normalize(images):
     """uint8 or [0, 1] float (B, 3, H, W) -> ImageNet-normalised float."""
     x = images.float() / 255 if images.dtype == torch.uint8 else images
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    if x.device not in _NORMALISATION:
+        _NORMALISATION[x.device] = tuple(torch.tensor(v, device=x.device).view(1, 3, 1, 1)
+                                         for v in (IMAGENET_MEAN, IMAGENET_STD))
+    mean, std = _NORMALISATION[x.device]
     return (x - mean) / std
 
 
@@ -420,9 +456,21 @@ def augment(images, gen, hflip=False):
     return normalize(x.reshape(B, 3, S, S))
 
 
+def batches_on(device, batches):
+    """An epoch's batches of indices on the device, in one copy: the steps then read them with no copy (and no sync)
+    each."""
+    if device.type == "cpu":
+        return batches
+    return list(torch.cat(batches).to(device).split([len(b) for b in batches]))
+
+
 # ---------------------------------------------------------------- synthetic twins
 
 DEMO_SHAPE = {"train": (100, 1, 8), "test": (16, 0, 6)}  # (twin pairs, triplets, images per person)
+
+
+REAL_STRUCTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests", "fixtures",
+                              "nd_twin_split_structure.json")  # the real split's ids, image names and twin pairs
 
 
 def synth_structure(shape, structure_file):
@@ -596,8 +644,7 @@ def synth(out_dir, shape="demo", size=112, seed=0, structure_file=None, traits="
     """Write images/ID/*.jpg, {train,test}_{info,pairs}.json and traits.json (every mark, in pixels).
     traits: 'sites' (three moles at nine fixed sites, a controlled setting) or 'random' (marks of several
     kinds at random places, varied pose, light and background)."""
-    structure_file = structure_file or os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                                    "tests", "fixtures", "nd_twin_split_structure.json")
+    structure_file = structure_file or REAL_STRUCTURE
     rng = np.random.default_rng(seed)
     all_marks, jobs, files = {}, [], {}
     for split, (images, pairs) in synth_structure(shape, structure_file).items():

@@ -8,6 +8,7 @@ validation families, never on the test set; intervals are 95% bootstraps over tw
 import argparse
 import csv
 import json
+import math
 import os
 import sys
 import time
@@ -17,7 +18,7 @@ import torch
 
 import data
 import plots
-from errors import run_cli
+from errors import refuse, run_cli
 from model import checkpoint_of_run, load_vit, read_training_checkpoint, verifier_from_checkpoint
 from tracking import tracker_of_checkpoint
 
@@ -253,6 +254,18 @@ def flat_metrics(result, prefix):
     return out
 
 
+def argument_problems(args):
+    """One line per value out of range, all of them, before any work."""
+    problems = []
+    if args.bootstrap < 1:
+        problems.append(f"--bootstrap {args.bootstrap}: must be at least 1 (resamples for the intervals)")
+    if args.threshold is not None and not math.isfinite(args.threshold):
+        problems.append(f"--threshold {args.threshold}: must be a finite number")
+    if args.path_remap and "=" not in args.path_remap:
+        problems.append(f"--path-remap {args.path_remap!r}: expected OLD=NEW")
+    return problems
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ckpt", default="ckpt", help="a run folder (its best.pt, else last.pt) or a checkpoint file")
@@ -269,7 +282,7 @@ def main(argv=None):
     ap.add_argument("--tracker", action="store_true",
                     help="also log the metrics and roc.png to the training run (the checkpoint's tracker and run id)")
     args = ap.parse_args(argv)
-
+    refuse(argument_problems(args), "arguments")
     args.ckpt = checkpoint_of_run(args.ckpt)
     ckpt = read_training_checkpoint(args.ckpt)
     data.make_folder(args.out, "--out")
@@ -277,7 +290,11 @@ def main(argv=None):
     cfg = ckpt["config"]
     device = torch.device(args.device)
     remap = cfg["path_remap"] if args.path_remap is None else args.path_remap
-    split = data.load_split(args.test_info or cfg["test_info"], args.test_pairs or cfg["test_pairs"], remap)
+    test_info = args.test_info or cfg["test_info"]
+    split = data.load_split(test_info, args.test_pairs or cfg["test_pairs"], remap)
+    leaks = data.shared_with_training(test_info, ckpt["class_ids"])  # the people the checkpoint trained on
+    if leaks:
+        raise data.DataError(leaks, f"test split in {test_info}")
     images = data.build_cache(split.paths, cfg["img_size"], cfg["cache_dir"])
     a, b, kind, fam_a, fam_b = protocol_pairs(split, args.all_impostors)
     threshold, source = args.threshold, "given by --threshold"

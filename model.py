@@ -473,11 +473,6 @@ def patch_masks(order, insertion):
     return keep if insertion else ~keep
 
 
-def weighted_maps(weights, maps):
-    """(2, grid, grid): maps on A and on B (2, K, grid, grid) weighted (K,) and summed."""
-    return (weights[None, :, None, None] * maps).sum(1)
-
-
 class Verifier(nn.Module):
     """What every method shares: a partly frozen ViT, and checkpoints that hold the trainable weights only."""
     method = None
@@ -518,7 +513,10 @@ class CosineVerifier(Verifier):
 
     def forward(self, images):
         emb = self.encode(images)
-        return emb, emb @ F.normalize(self.class_centres.float(), dim=-1).T
+        # the margin's cosines in fp32: under 16-bit autocast a cosine near 1 moves in steps of 0.004 (bf16), a
+        # tenth of a logit at scale 30
+        with torch.autocast(emb.device.type, enabled=False):
+            return emb, emb.float() @ F.normalize(self.class_centres.float(), dim=-1).T
 
     def loss_terms(self, outputs, labels):
         return {"class": arcface_loss(outputs[1], labels, self.margin, self.scale)}
@@ -562,22 +560,25 @@ class ArcFaceVerifier(CosineVerifier):
 
 class TraitPromptVerifier(CosineVerifier):
     """The default verifier: K trait prompts tile the face, each attending with the last block's attention to the
-    patches of its own cell and reading their final tokens; the embedding is the normalised sum of the K
-    contributions, so a pair's cosine and 1 - cosine split exactly into one term per prompt (pair_terms). Trained
-    with an ArcFace margin against the training identities' class prompts, kept as free class centres: why, and
-    what the tiling and the reading replaced, is in docs/experiments.md."""
+    patches of its own cell. Each patch's final token is gated by its prompt's attention on it, head by head, then
+    reduced and projected by its own place's map; the embedding is the normalised sum over the patches, so a pair's
+    cosine and 1 - cosine split exactly into one term per patch on each face, and per prompt over its cell
+    (pair_terms). Trained with an ArcFace margin against the training identities' class prompts, kept as free class
+    centres: why, and what the tiling and the reading replaced, is in docs/experiments.md."""
     method = "traits"
 
     def __init__(self, vit: ViT, num_classes, deep_prompts=4, train_blocks=0, trait_prompts=36, margin=0.3,
                  scale=30.0):
         super().__init__(vit, train_blocks, margin, scale)
-        D, L = vit.cfg.embed_dim, vit.cfg.depth
+        D, L, P = vit.cfg.embed_dim, vit.cfg.depth, vit.grid ** 2
         self.deep_prompts = nn.Parameter(torch.randn(L - 1, deep_prompts, D) * 0.02)
         self.trait_prompts = nn.Parameter(torch.randn(trait_prompts, D) * 0.02)
-        self.register_buffer("cells", tiling_cells(trait_prompts, vit.grid), persistent=False)
+        cells = tiling_cells(trait_prompts, vit.grid)
+        self.register_buffer("cells", cells, persistent=False)
+        # the size of each patch's cell: the gate is attention times it, so attention spread evenly passes tokens whole
+        self.register_buffer("cell_size", cells.sum(1)[cells.int().argmax(0)].float(), persistent=False)
         self.reduce = nn.Linear(D, FLAT_CHANNELS)
-        self.project = nn.Parameter(torch.randn(trait_prompts, FLAT_CHANNELS, D)
-                                    / math.sqrt(trait_prompts * FLAT_CHANNELS))
+        self.project = nn.Parameter(torch.randn(P, FLAT_CHANNELS, D) / math.sqrt(P * FLAT_CHANNELS))
         self.class_prompts = nn.Parameter(torch.randn(num_classes, D) * 0.02)
 
     def keys_and_tokens(self, images):
@@ -591,31 +592,34 @@ class TraitPromptVerifier(CosineVerifier):
         return k[:, :, n:], tokens.unflatten(-1, (k.shape[1], -1)).transpose(1, 2)
 
     def read(self, keys, tokens, keep_patches=None):
-        """Each trait prompt's contribution to the embedding (B, K, D) and its attention over the patches
-        (B, heads, K, patches); keep_patches as in prompt_attention."""
+        """Each patch's contribution to the embedding (B, patches, D) and each prompt's attention over the patches
+        (B, heads, K, patches); keep_patches as in prompt_attention. Gating each token in place, rather than pooling
+        the cell into one reading, lets the loss reach which patch a prompt picks (docs/experiments.md)."""
         block = self.vit.blocks[-1]
         q, k, _ = block.attn.split_heads(block.norm1(self.trait_prompts[None]))
         attn = prompt_attention(q, k, keys, 1, keep_patches, self.cells)[..., 1:]
-        read = self.reduce((attn @ tokens).transpose(1, 2).flatten(2))
-        return torch.einsum("bkc,kcd->bkd", read, self.project), attn
+        gate = attn.sum(2) * self.cell_size  # (B, heads, patches): a patch lies in one cell, the others' rows are 0
+        read = self.reduce((gate[..., None] * tokens).transpose(1, 2).flatten(2))
+        return torch.einsum("bpc,pcd->bpd", read, self.project), attn
 
     @staticmethod
     def embed(contributions):
-        """(B, D) fp32 unit embeddings: the sum of the K contributions (B, K, D), normalised. Summed and normalised
+        """(B, D) fp32 unit embeddings: the sum of the contributions (B, N, D), normalised. Summed and normalised
         in fp32, as the yardstick's embedding is: under bf16 autocast a test split's cosines fell on a few hundred
         values."""
         return F.normalize(contributions.float().sum(1), dim=-1)
 
     @staticmethod
     def pair_terms(contributions):
-        """Each prompt's term of a pair's cosine and of 1 - cosine, (K,) each, from the pair's contributions
-        (2, K, D); each set adds up to its whole. With u the contributions over the norm of their sum, so that each
-        unit embedding is e = sum_k u_k: cos = sum_k (u_k^A . e_B + u_k^B . e_A) / 2, and
-        1 - cos = |e_A - e_B|^2 / 2 = sum_k (u_k^A - u_k^B) . (e_A - e_B) / 2."""
+        """Each part's term of a pair's cosine and of 1 - cosine on each face, (2, N) each, from the pair's
+        contributions (2, N, D); each set adds up to its whole. With u the contributions over the norm of their sum,
+        so that each unit embedding is e = sum_n u_n: cos = sum_n (u_n^A . e_B + u_n^B . e_A) / 2, and
+        1 - cos = |e_A - e_B|^2 / 2 = sum_n (u_n^A . (e_A - e_B) + u_n^B . (e_B - e_A)) / 2."""
         contributions = contributions.float()
         u = contributions / contributions.sum(1, keepdim=True).norm(dim=-1, keepdim=True)
         e = u.sum(1)
-        return (u[0] @ e[1] + u[1] @ e[0]) / 2, (u[0] - u[1]) @ (e[0] - e[1]) / 2
+        held = torch.stack([u[0] @ e[1], u[1] @ e[0]]) / 2
+        return held, torch.stack([u[0] @ (e[0] - e[1]), u[1] @ (e[1] - e[0])]) / 2
 
     @property
     def class_centres(self):
@@ -628,22 +632,25 @@ class TraitPromptVerifier(CosineVerifier):
     @torch.no_grad()
     def evidence(self, pair):
         """A normalised pair (2, 3, H, W) as its trait prompts see it: one part per prompt, the largest share of
-        1 - score first; where the faces differ is every prompt's attention (mean over heads) times its share."""
+        1 - score first, with its attention and its patches' terms of 1 - score on each face; where the faces differ
+        is every patch's term of 1 - score on each face; the score leans on patches by the size of their terms."""
         keys, tokens = self.keys_and_tokens(pair)
         contributions, attn = self.read(keys, tokens)
         whole = self.embed(contributions)
         score = float(whole[0] @ whole[1])
+        grid = (2, self.vit.grid, self.vit.grid)
         held, apart = (t.cpu().numpy() for t in self.pair_terms(contributions))
-        maps = attn.float().mean(1).reshape(2, -1, self.vit.grid, self.vit.grid).cpu().numpy()
+        shares = apart @ self.cells.float().T.cpu().numpy()  # (2, K): each prompt's patches on each face
+        maps = attn.float().mean(1).reshape(2, -1, *grid[1:]).cpu().numpy()
         parts = []
-        for k in np.argsort(-apart, kind="stable"):
-            # the difference on the maps' own scale, so a difference of 1e-6 is not drawn as loud as one of 1
-            scale = float(maps[:, k].max()) or 1e-6
-            parts.append(Part(f"trait prompt {k}: {apart[k]:.4f} of 1 - score = {1 - score:.4f} "
-                              f"({apart[k] / max(1 - score, 1e-12):.0%})", (maps[0, k], maps[1, k]),
-                              ("prompt on A", "prompt on B"), scale, (maps[0, k] - maps[1, k], maps[1, k] - maps[0, k]),
-                              ("on A minus on B", "on B minus on A"), scale, "A-B"))
-        leaned_on = weighted_maps(np.abs(held), maps)  # each prompt's map weighted by the size of its term of the score
+        for k in np.argsort(-shares.sum(0), kind="stable"):
+            share = shares[:, k].sum()
+            terms = np.where(self.cells[k].cpu().numpy(), apart, 0).reshape(grid)
+            parts.append(Part(f"trait prompt {k}: {share:.4f} of 1 - score = {1 - score:.4f} "
+                              f"({share / max(1 - score, 1e-12):.0%})", (maps[0, k], maps[1, k]),
+                              ("prompt on A", "prompt on B"), float(maps[:, k].max()) or 1e-6, tuple(terms),
+                              ("its 1 - score on A", "its 1 - score on B"), float(np.abs(terms).max()) or 1e-6,
+                              "1 - score"))
 
         @torch.no_grad()
         def rescore(order_a, order_b, insertion):
@@ -652,9 +659,9 @@ class TraitPromptVerifier(CosineVerifier):
                                            patch_masks(order, insertion).to(keys.device))[0])
                       for i, order in enumerate((order_a, order_b))]
             return ((masked[0] @ whole[1] + masked[1] @ whole[0]) / 2).cpu().numpy()
-        return Evidence(score, f"where they differ: every prompt's attention times its share of 1 - score = "
-                               f"{1 - score:.4f}", parts, weighted_maps(apart, maps), "1 - score",
-                        tuple(np.argsort(-m.ravel(), kind="stable") for m in leaned_on), rescore)
+        leaned_on = tuple(np.argsort(-np.abs(h), kind="stable") for h in held)
+        return Evidence(score, f"where they differ: each patch's term of 1 - score = {1 - score:.4f} on each face",
+                        parts, apart.reshape(grid), "1 - score", leaned_on, rescore)
 
 
 class PromptCamVerifier(Verifier):
@@ -844,6 +851,33 @@ FILE_KINDS = {b"\xff\xd8": "a JPEG image", b"\x89PNG": "a PNG image", b"{": "a J
               b"#": "a text file"}
 
 
+def content_digest(obj):
+    """sha256 of a checkpoint's contents: every tensor's dtype, shape and bytes and every other value, dicts in key
+    order. A file damaged inside a tensor still loads; its digest no longer matches the one saved with it."""
+    digest = hashlib.sha256()
+
+    def feed(x):
+        if isinstance(x, torch.Tensor):
+            t = x.detach().cpu().contiguous().reshape(-1)
+            digest.update(f"tensor {t.dtype} {tuple(x.shape)}".encode())
+            digest.update(t.view(torch.uint8).numpy().tobytes())
+        elif isinstance(x, dict):
+            digest.update(b"{")
+            for key in sorted(x, key=repr):
+                feed(key)
+                feed(x[key])
+            digest.update(b"}")
+        elif isinstance(x, (list, tuple)):
+            digest.update(b"[")
+            for value in x:
+                feed(value)
+            digest.update(b"]")
+        else:
+            digest.update(repr(x).encode())
+    feed(obj)
+    return digest.hexdigest()
+
+
 def read_training_checkpoint(path):
     """A checkpoint train.py wrote, or a UserError that names the file and what is wrong."""
     if os.path.isdir(path):
@@ -865,6 +899,9 @@ def read_training_checkpoint(path):
         raise UserError(f"{path}: cannot read checkpoint ({type(e).__name__}: {e})") from None
     if not isinstance(ckpt, dict) or not {"config", "model", "model_args"} <= set(ckpt):
         raise UserError(f"{path}: not a training checkpoint of this project (no model in it)")
+    checksum = ckpt.pop("checksum", None)  # files written before checksums were kept have none to check
+    if checksum is not None and content_digest(ckpt) != checksum:
+        raise UserError(f"{path}: damaged: its contents no longer match the checksum saved with them")
     return ckpt
 
 
@@ -882,6 +919,11 @@ def checkpoint_of_run(path):
 def verifier_from_checkpoint(ckpt, source, weights_dir=None):
     """Rebuild the verifier a training checkpoint describes (backbone from `arch`, then its trainable weights),
     or a UserError that names the checkpoint and what does not match."""
+    diverged = [k for k, v in ckpt["model"].items() if v.is_floating_point() and not v.isfinite().all()]
+    if diverged:
+        raise UserError(f"{source}: weights that are not finite ({', '.join(diverged[:3])}"
+                        f"{', ...' if len(diverged) > 3 else ''}): the run that wrote it diverged; train again with a "
+                        f"lower lr")
     model = build_verifier(**ckpt["model_args"], weights_dir=weights_dir)
     if model.vit.fingerprint != ckpt["backbone_fingerprint"]:
         raise UserError(f"{source}: was trained on other backbone weights than {ckpt['model_args']['arch']} "

@@ -6,14 +6,19 @@
 Any config key can be overridden as `--key value`. Each epoch writes out_dir/last.pt, and best.pt when it improves.
 """
 import argparse
+import fcntl
 import gc
+import glob
+import inspect
 import math
 import os
 import re
+import socket
 import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from datetime import timedelta
 
 import numpy as np
 import torch
@@ -24,9 +29,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import cam
 import data
 import evaluate
-from errors import UserError, run_cli
-from model import (ARCH_SHAPES, METHOD_BEFORE_THE_KEY, METHODS, build_verifier, official_backbone_state,
-                   read_training_checkpoint)
+from errors import UserError, refuse, run_cli
+from model import (ARCH_SHAPES, METHOD_BEFORE_THE_KEY, METHODS, build_verifier, content_digest,
+                   official_backbone_state, read_training_checkpoint)
 from progress import Progress, format_seconds
 from tracking import make_tracker
 
@@ -37,7 +42,7 @@ DEFAULTS = {
     # model: traits, promptcam or arcface, the conventional yardstick (no prompts, no maps)
     "method": "traits", "arch": "dinov2_vits14", "weights_dir": "", "img_size": 224, "deep_prompts": 4,
     "train_blocks": 0, "margin": 0.3, "scale": 30.0,  # the margin loss's angle and logit scale (traits, arcface)
-    "trait_prompts": 36,  # method traits: prompts tiling the face (a square number); their outputs form the embedding
+    "trait_prompts": 64,  # method traits: prompts tiling the face (a square number); 8 x 8 cells: 3 x 3 patches at 336
     # optimisation
     "epochs": 30, "batch_size": 64, "images_per_person": 4, "lr": 2e-3, "weight_decay": 0.05,
     "warmup_epochs": 1, "loss_class": 1.0, "loss_episodic": 1.0, "loss_pull": 0.1, "hflip": False,
@@ -160,7 +165,10 @@ def config_problems(cfg):
               ("val_families", cfg["val_families"] >= 0, "must be at least 0"),
               ("seed", cfg["seed"] >= 0, "must be at least 0"),
               ("log_images_every", cfg["log_images_every"] >= 0, "must be at least 0 (0: never)"),
-              ("path_remap", not cfg["path_remap"] or "=" in cfg["path_remap"], "must read OLD=NEW")]
+              ("path_remap", not cfg["path_remap"] or "=" in cfg["path_remap"], "must read OLD=NEW"),
+              ("arch", cfg["arch"] in ARCH_SHAPES or cfg["arch"].startswith(("http://", "https://"))
+               or os.path.isfile(cfg["arch"]), f"is neither a backbone by name ({', '.join(ARCH_SHAPES)}), "
+                                                "a URL, nor a checkpoint file that exists")]
     checks += [(k, finite(k) and cfg[k] >= 0, "must be finite and at least 0")
                for k in ("loss_class", "loss_episodic", "loss_pull")]
     if cfg["method"] == "traits":
@@ -216,6 +224,8 @@ def find_this_run(cfg, user_keys, log):
                     ckpt = read_training_checkpoint(path)
                 except UserError as e:
                     log(f"--resume auto: skipping {e}")
+                    if name == "last.pt" and os.path.abspath(folder) == os.path.abspath(cfg["out_dir"]):
+                        set_aside(path, log)
                     continue
                 if config_changes(cfg, trained_config(ckpt), user_keys):
                     skipped.append(path)
@@ -230,6 +240,32 @@ def find_this_run(cfg, user_keys, log):
     return Resume(path, ckpt)
 
 
+def named_checkpoint(arg, log):
+    """--resume FILE, or a run folder's last.pt; where last.pt is missing or damaged, the previous.pt beside it (the
+    epoch before), saying so."""
+    path = os.path.join(arg, "last.pt") if os.path.isdir(arg) else arg
+    previous = os.path.join(os.path.dirname(path), "previous.pt")
+    try:
+        if os.path.isdir(arg) and not os.path.exists(path):
+            raise UserError(f"--resume {arg}: a folder with no last.pt in it")
+        return Resume(path, read_training_checkpoint(path))
+    except UserError as e:
+        if os.path.basename(path) != "last.pt" or not os.path.isfile(previous):
+            raise
+        log(f"--resume: {e}; resuming from {previous}, the epoch before")
+        resume = Resume(previous, read_training_checkpoint(previous))
+        set_aside(path, log)
+        return resume
+
+
+def set_aside(path, log):
+    """A damaged last.pt renamed out of the way (rank 0), so that the next save does not keep it as previous.pt in
+    place of the good checkpoint the run continues from."""
+    if os.path.isfile(path) and os.environ.get("RANK", "0") == "0":
+        os.replace(path, path + ".damaged")
+        log(f"--resume: the damaged file is kept as {path}.damaged")
+
+
 def resume_from(arg, cfg_paths, overrides, log):
     """The checkpoint --resume names (a file, a run folder's last.pt, or auto) and the config to resume it with."""
     if arg == "auto":
@@ -239,10 +275,7 @@ def resume_from(arg, cfg_paths, overrides, log):
         if resume is None:
             return None, cfg
     else:
-        path = os.path.join(arg, "last.pt") if os.path.isdir(arg) else arg
-        if os.path.isdir(arg) and not os.path.exists(path):
-            raise UserError(f"--resume {arg}: a folder with no last.pt in it")
-        resume = Resume(path, read_training_checkpoint(path))
+        resume = named_checkpoint(arg, log)
     trained = trained_config(resume.ckpt)
     cfg = load_config(cfg_paths, overrides, base=trained)
     changed = config_changes(cfg, trained, DEFAULTS)
@@ -250,6 +283,25 @@ def resume_from(arg, cfg_paths, overrides, log):
         raise UserError(f"{resume.path} was trained with another config; resume with the same one or start a new "
                         f"out_dir:\n  " + "\n  ".join(changed))
     return resume, cfg
+
+
+def hold_out_dir(out_dir):
+    """One run at a time writes into out_dir: an exclusive lock on out_dir/.lock, which the system drops when the
+    process ends, however it ends. What a killed save left behind (*.tmp) is removed. Returns the open lock file."""
+    os.makedirs(out_dir, exist_ok=True)
+    lock = open(os.path.join(out_dir, ".lock"), "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        raise UserError(f"{out_dir} is being written by another run ({lock.read().strip() or 'a process'}); wait "
+                        f"for it to end, or give this one another --out_dir") from None
+    lock.truncate(0)
+    lock.write(f"process {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}")
+    lock.flush()
+    for stale in glob.glob(os.path.join(glob.escape(out_dir), "*.tmp")):
+        os.remove(stale)
+    return lock
 
 
 def refuse_to_overwrite(out_dir):
@@ -284,10 +336,11 @@ def configure(argv):
         (None, load_config(args.cfg, overrides))
     problems = config_problems(cfg) + [p for key in ("out_dir", "cache_dir")
                                        for p in [data.unwritable(cfg[key], key)] if p]
-    if problems:
-        raise UserError(f"{len(problems)} problem(s) with the config:\n  " + "\n  ".join(problems))
-    if resume is None and not (args.benchmark or args.check):
-        refuse_to_overwrite(cfg["out_dir"])
+    refuse(problems, "config")
+    if not (args.benchmark or args.check) and os.environ.get("RANK", "0") == "0":
+        args.lock = hold_out_dir(cfg["out_dir"])
+        if resume is None:
+            refuse_to_overwrite(cfg["out_dir"])
     return args, cfg, resume
 
 
@@ -314,13 +367,21 @@ class Processes:
             print(*args, **kwargs, flush=True)
 
 
+# How long a process waits for the others at a collective. NCCL's default, 10 minutes, is shorter than what rank 0
+# does alone while the others wait: decoding 6,182 images into the cache, downloading the weights, validating.
+PROCESS_GROUP_TIMEOUT = timedelta(hours=1)
+
+
 def start_processes(cfg):
     """torchrun's processes (it sets RANK) or one; each on its GPU, or the CPU; the precision it trains in."""
+    # batches come in two sizes (those holding the triplet family are larger): segments that grow in place leave
+    # the allocator less stranded memory than fixed blocks (read when CUDA first allocates, so set before that)
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     n_gpus = torch.cuda.device_count()
     if "RANK" in os.environ:
         # NCCL needs a GPU per process; more processes than GPUs (a DDP check on one GPU) share them over gloo
         local_rank, local_world = int(os.environ["LOCAL_RANK"]), int(os.environ["LOCAL_WORLD_SIZE"])
-        dist.init_process_group("nccl" if n_gpus >= local_world else "gloo")
+        dist.init_process_group("nccl" if n_gpus >= local_world else "gloo", timeout=PROCESS_GROUP_TIMEOUT)
         rank, world = dist.get_rank(), dist.get_world_size()
         device = torch.device(f"cuda:{local_rank % n_gpus}" if n_gpus else "cpu")
     else:
@@ -348,10 +409,16 @@ def load_train_set(cfg, procs, resume):
     """Info files checked, validation families held out, images decoded once by rank 0 into the cache and placed
     on the GPU (or in pinned RAM when they would take over a quarter of it)."""
     split = data.load_split(cfg["train_info"], cfg["train_pairs"], cfg["path_remap"])
+    if cfg["test_info"] and os.path.isfile(cfg["test_info"]):  # the test split may live elsewhere until evaluation
+        train_info = data.read_json(cfg["train_info"], "info")
+        leaks = data.shared_with_training(cfg["test_info"], train_info, [p for ps in train_info.values() for p in ps])
+        if leaks:
+            raise data.DataError(leaks, f"test split in {cfg['test_info']}")
     train_split, val_split = data.hold_out_families(split, 0 if cfg["full"] else cfg["val_families"], cfg["seed"])
     if resume and resume.ckpt["class_ids"] != train_split.ids:
         raise UserError(f"{resume.path}: the training identities in {cfg['train_info']} differ from the checkpoint's")
-    all_images = rank0_first(lambda: data.build_cache(split.paths, cfg["img_size"], cfg["cache_dir"], procs.master))
+    all_images = rank0_first(lambda: data.build_cache(split.paths, cfg["img_size"], cfg["cache_dir"], procs.master),
+                             "reading or building the image cache")
     index = {p: i for i, p in enumerate(split.paths)}
     images = all_images[[index[p] for p in train_split.paths]]
     val_images = all_images[[index[p] for p in val_split.paths]] if val_split else None
@@ -363,13 +430,15 @@ def load_train_set(cfg, procs, resume):
     return TrainSet(train_split, images, train_split.person.to(device), val_split, val_images)
 
 
-def rank0_first(make):
+def rank0_first(make, what):
     """make() on rank 0, then on the others: one process downloads or decodes, the rest read its result. A user
     error on rank 0 ends every rank, not only rank 0 (the others would wait for it)."""
     if not dist.is_initialized():
         return make()
     failure = [None]
     if dist.get_rank() == 0:
+        print(f"{what} on rank 0; the other {dist.get_world_size() - 1} process(es) wait for it "
+              f"(up to {PROCESS_GROUP_TIMEOUT.total_seconds() / 3600:.0f} h)", flush=True)
         try:
             result = make()
         except UserError as e:
@@ -395,15 +464,17 @@ def check_gpu_support(device):
     if not ok:
         raise SystemExit(
             f"this torch {torch.__version__} (CUDA {torch.version.cuda}) has kernels for {' '.join(archs)}, but "
-            f"{torch.cuda.get_device_name(device)} is sm_{major}{minor}. Install a build that includes it, e.g. "
-            f"for a P100 (sm_60): pip install torch==2.5.1 torchvision==0.20.1 "
-            f"--index-url https://download.pytorch.org/whl/cu121")
+            f"{torch.cuda.get_device_name(device)} is sm_{major}{minor}. Install a build that includes it: for a "
+            f"P100 (sm_60), PyTorch's CUDA 12.6 builds (the cu128 and later ones have no sm_60): "
+            f"pip install torch --index-url https://download.pytorch.org/whl/cu126")
 
 
 # torch.compile pays back when the step time it saves over the run exceeds the time compiling takes. Measured on
-# an H100: compiled ViT-B/14 steps ran 1.8x faster (986 vs 541 images/s), and the demo config's graphs took 73 s
-# to compile; Kaggle's 2-4-core hosts compile more slowly, hence 180 s.
-COMPILE_SPEEDUP, COMPILE_SECONDS = 1.8, 180.0
+# an H100 (sm_90): compiled ViT-B/14 steps ran 1.8x faster (986 vs 541 images/s), and the demo config's graphs took
+# 73 s to compile; Kaggle's 2-4-core hosts compile more slowly, hence 180 s. Below sm_80 nothing was measured: a T4's
+# or a 2080 Ti's step is mostly cuBLAS and memory-efficient attention, and a Kaggle session starts with an empty
+# compile cache, so `auto` leaves those uncompiled (a P100, sm_60, has no Triton at all).
+COMPILE_SPEEDUP, COMPILE_SECONDS, COMPILE_MEASURED_FROM = 1.8, 180.0, (8, 0)
 
 
 def compile_pays(step_seconds, steps_left):
@@ -412,11 +483,14 @@ def compile_pays(step_seconds, steps_left):
 
 
 def resolve_compile(cfg, device, time_step, steps_left, log):
-    """compile true/false as set; auto: on a GPU Triton supports (sm_70+, so never a P100), when compile_pays
-    for the steps this run has left, from an uncompiled step timed now."""
-    if cfg["compile"] != "auto":
+    """compile true/false as set; auto: on a GPU of the generations where the speed-up was measured (sm_80 on), when
+    compile_pays for the steps this run has left, from an uncompiled step timed now."""
+    if cfg["compile"] != "auto" or device.type != "cuda":
         return cfg["compile"] == "true"
-    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (7, 0):
+    capability = torch.cuda.get_device_capability(device)
+    if capability < COMPILE_MEASURED_FROM:
+        log(f"compile auto: off on sm_{capability[0]}{capability[1]}: no measurement shows it pays below "
+            f"sm_{COMPILE_MEASURED_FROM[0]}{COMPILE_MEASURED_FROM[1]} (compile: true turns it on)")
         return False
     seconds = time_step()
     pays = compile_pays(seconds, steps_left)
@@ -465,13 +539,14 @@ class Run:
     epoch_started: float = 0.0
 
 
-def make_optimizer(raw, cfg, device):
-    """AdamW, with weight decay on weight matrices only: not on prompts, norms or biases."""
+def make_optimizer(raw, cfg, fused):
+    """AdamW, with weight decay on weight matrices only: not on prompts, norms or biases. fused (the GPU's): one kernel
+    for every parameter, and under a gradient scaler it skips a step with an inf gradient without reading it back."""
     named = [(n, p) for n, p in raw.named_parameters() if p.requires_grad]
     decays = {n: p.ndim >= 2 and "prompts" not in n for n, p in named}
     return torch.optim.AdamW([{"params": [p for n, p in named if decays[n]], "weight_decay": cfg["weight_decay"]},
                               {"params": [p for n, p in named if not decays[n]], "weight_decay": 0.0}],
-                             lr=cfg["lr"], fused=device.type == "cuda")
+                             lr=cfg["lr"], fused=fused)
 
 
 def lr_factor(step, steps_per_epoch, warmup_epochs, epochs):
@@ -488,7 +563,8 @@ def start_run(cfg, train_set, procs, resume):
     model_args = {k: cfg[k] for k in ("method", "arch", "img_size", "deep_prompts", "train_blocks", "margin", "scale",
                                       "trait_prompts")}
     model_args["num_classes"] = len(train_set.split.ids)
-    raw = rank0_first(lambda: build_verifier(**model_args, weights_dir=cfg["weights_dir"] or None)).to(procs.device)
+    raw = rank0_first(lambda: build_verifier(**model_args, weights_dir=cfg["weights_dir"] or None),
+                      "loading the backbone's weights (downloaded on the first run)").to(procs.device)
     procs.log(raw.summary())
     K, batch_size = cfg["images_per_person"], cfg["batch_size"]
     if batch_size == "auto":
@@ -496,7 +572,7 @@ def start_run(cfg, train_set, procs, resume):
                                    procs.log)
     batches = data.FamilyBatches(train_set.split, K, max(1, batch_size // (2 * K)), cfg["seed"], procs.rank,
                                  procs.world)
-    optimizer = make_optimizer(raw, cfg, procs.device)
+    optimizer = make_optimizer(raw, cfg, fused=procs.device.type == "cuda")
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, len(batches), cfg["warmup_epochs"], cfg["epochs"]))
     run = Run(cfg, procs, train_set, raw, model_args, batches, optimizer, schedule,
@@ -553,8 +629,12 @@ def wrap_model(run):
     if procs.ddp:
         dist.broadcast(use_compile, 0)
     # one static graph, gradients reduced in place in their buckets (no copy per step)
+    # no buffer changes in training (traits' cells are constants), so none is synced before every forward (the
+    # switch is forward_sync_buffers in recent torch, broadcast_buffers before)
+    no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                      else {"broadcast_buffers": False})
     model = DDP(raw, device_ids=[procs.device.index] if procs.device.type == "cuda" else None,
-                gradient_as_bucket_view=True, static_graph=True) if procs.ddp else raw
+                gradient_as_bucket_view=True, static_graph=True, **no_buffer_sync) if procs.ddp else raw
     run.compiled = bool(use_compile.item())
     # one static graph per batch size: only batches holding the triplet family differ
     return torch.compile(model, dynamic=False) if run.compiled else model
@@ -571,10 +651,10 @@ def start_tracking(run):
 
 
 def train_step(run, idx, timer=None):
-    """One optimisation step on a batch of image indices; the timer marks phases when benchmarking."""
+    """One optimisation step on a batch of image indices (on the device: no copy from the host, no sync); the timer
+    marks phases when benchmarking."""
     cfg, ts, device = run.cfg, run.train_set, run.procs.device
-    idx = idx.to(ts.images.device, non_blocking=True)
-    x, y = ts.images[idx].to(device, non_blocking=True), ts.labels[idx.to(device)]
+    x, y = ts.images[idx.to(ts.images.device)].to(device, non_blocking=True), ts.labels[idx]
     timer and timer.mark("data")
     x = data.augment(x, run.augment_rng, cfg["hflip"])
     timer and timer.mark("augmentation")
@@ -594,21 +674,37 @@ def train_step(run, idx, timer=None):
 
 def train_epoch(run, epoch):
     """One pass over the epoch's family batches; the mean loss over every rank, images/s and peak memory."""
-    procs, epoch_batches = run.procs, run.batches.epoch(epoch)
+    procs, epoch_batches = run.procs, data.batches_on(run.procs.device, run.batches.epoch(epoch))
     run.epoch_started = time.perf_counter()
     run.model.train()
     loss_sum = torch.zeros((), device=procs.device)
+    diverged = torch.full((2,), -1.0, device=procs.device)  # the first step whose loss is not finite, and that loss
     bar = Progress(len(epoch_batches), f"epoch {epoch + 1}/{run.cfg['epochs']}", enabled=procs.master)
     for i, idx in enumerate(epoch_batches):
-        loss_sum += train_step(run, idx)
+        loss = train_step(run, idx)
+        loss_sum += loss
+        # kept on the device and read at the epoch's end: a check per step would wait for the GPU at every step
+        diverged = torch.where((diverged[0] < 0) & ~loss.isfinite(),
+                               torch.stack([torch.full_like(loss, run.step), loss]), diverged)
         run.step += 1
         bar.update(info=lambda: f"loss {loss_sum.item() / (i + 1):.4f}")
     seconds = time.perf_counter() - run.epoch_started
     if procs.ddp:
         dist.all_reduce(loss_sum)
+    if not loss_sum.isfinite():  # on every rank: the sum holds every rank's losses
+        stop_diverged(run, epoch, *diverged.tolist())
     run.stats = {"loss": loss_sum.item() / len(epoch_batches) / procs.world, "lr": run.schedule.get_last_lr()[0],
                  "images_per_s": sum(len(b) for b in epoch_batches) * procs.world / seconds,
                  "peak_memory_gb": peak_memory_gb(procs.device)}
+
+
+def stop_diverged(run, epoch, step, loss, what="the loss"):
+    """A non-finite loss or validation score ends the run before anything of the epoch is saved."""
+    lr = run.cfg["lr"]
+    where = f"at step {int(step) + 1} " if step >= 0 else ""  # another rank's loss when this rank saw none
+    raise UserError(f"{what} is {'not finite' if step < 0 else loss} {where}in epoch {epoch + 1}: training diverged, "
+                    f"and nothing of this epoch was saved. Train again with a lower learning rate (lr {lr:g}, e.g. "
+                    f"--lr {lr / 10:g}) or --precision fp32")
 
 
 def validate_and_save(run, epoch):
@@ -616,6 +712,8 @@ def validate_and_save(run, epoch):
     cfg, procs, ts = run.cfg, run.procs, run.train_set
     if procs.master and ts.val_split is not None:
         val = evaluate.validate(run.raw, ts.val_images, ts.val_split, procs.device, procs.precision)
+        if not np.isfinite(val["scores"]).all():
+            stop_diverged(run, epoch, -1, None, "a validation score")
         run.stats.update(val_eer=val["eer"], val_auc=val["auc"])
         if val["eer"] < run.best_eer:
             run.best_eer, run.threshold, run.best_epoch = val["eer"], val["threshold"], epoch
@@ -654,6 +752,7 @@ def save_checkpoints(run, epoch):
              "sampler": {"seed": run.cfg["seed"], "next_epoch": epoch + 1}, "best_eer": run.best_eer,
              "best_epoch": run.best_epoch, "threshold": run.threshold,
              "val": {k: v for k, v in run.stats.items() if k.startswith("val")}, "tracker_run_id": run.tracker.run_id}
+    state["checksum"] = content_digest(state)
     out_dir, improved = run.cfg["out_dir"], run.best_epoch == epoch
     data.save_atomically(state, os.path.join(out_dir, "last.pt"), keep_previous=os.path.join(out_dir, "previous.pt"))
     if improved:
@@ -759,11 +858,16 @@ def main(argv=None):
     if args.check or args.benchmark:
         return preflight(run, args.budget) if args.check else benchmark(run, steps=args.benchmark)
     run.tracker = start_tracking(run)
-    for epoch in range(run.first_epoch, cfg["epochs"]):
-        train_epoch(run, epoch)
-        validate_and_save(run, epoch)
-        if out_of_time(run, epoch, args.budget, resume_command(argv, procs)):
-            break
+    try:
+        for epoch in range(run.first_epoch, cfg["epochs"]):
+            train_epoch(run, epoch)
+            validate_and_save(run, epoch)
+            if out_of_time(run, epoch, args.budget, resume_command(argv, procs)):
+                break
+    except KeyboardInterrupt:
+        saved = run.first_epoch + len(run.epoch_times)  # an epoch's time is kept once its checkpoint is written
+        raise UserError(f"interrupted after epoch {saved}: " + (f"{cfg['out_dir']}/last.pt holds it" if saved else
+                        "nothing was saved") + f"; continue with:\n  {resume_command(argv, procs)}") from None
     finish(run)
 
 
@@ -827,7 +931,8 @@ def preflight(run, budget, steps=3):
     if device.type != "cuda":
         report_memory(run, *estimated_memory(run))
     try:
-        seconds, images, _ = time_steps(lambda idx, timer=None: train_step(run, idx, timer), run.batches.epoch(0),
+        seconds, images, _ = time_steps(lambda idx, timer=None: train_step(run, idx, timer),
+                                        data.batches_on(procs.device, run.batches.epoch(0)),
                                         procs, warmup=1, steps=steps)
     except torch.OutOfMemoryError:
         raise UserError(f"batch_size {cfg['batch_size']} does not fit {torch.cuda.get_device_name(device)}: a training "
@@ -845,20 +950,27 @@ def preflight(run, budget, steps=3):
               f"about {format_seconds(wall)} here" + (f", {math.ceil(wall / budget)} session(s) of the time budget "
                                                        f"{format_seconds(budget)}" if budget else ""))
     if device.type == "cuda":
-        report_memory(run, torch.cuda.max_memory_allocated(device) / 2**30, "measured",
-                      torch.cuda.get_device_properties(device).total_memory / 2**30, name)
+        free, total = torch.cuda.mem_get_info(device)
+        procs.log(f"check: peak {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB allocated, "
+                  f"{torch.cuda.max_memory_reserved(device) / 2**30:.2f} GiB reserved by torch, over every batch size "
+                  f"an epoch deals")
+        report_memory(run, (total - free) / 2**30, "measured in use on the GPU (CUDA's context, NCCL's buffers and "
+                      "any other process on it included)", total / 2**30, name)
     return 0
 
 
 def estimated_memory(run):
-    """(peak GiB, how, capacity GiB or None, where) of the run on the GPU its config names, by bench.py's estimate."""
+    """(peak GiB, how, capacity GiB or None, where) of the run on the GPU its config names, by bench.py's estimate at
+    the largest batch an epoch deals, with this run's training images in the cache."""
     import bench
     cfg = run.cfg
     capacity, gpu_precision = GPUS.get(cfg["gpu"], (None, "fp32"))
     precision = gpu_precision if cfg["precision"] == "auto" else cfg["precision"]
     shape = {k: v for k, v in asdict(run.raw.vit.cfg).items() if k != "img_size"}
-    peak = sum(bench.training_memory(cfg, shape, capacity, precision)[0].values())
-    return (peak, f"estimated for {precision}", capacity,
+    batch = max(len(idx) for idx in run.batches.epoch(0))
+    peak = sum(bench.training_memory(cfg, shape, capacity, precision, batch, len(run.train_set.images))[0].values())
+    return (peak + bench.MEMORY_NOT_ESTIMATED, f"estimated for {precision} at batch {batch}: {peak:.2f} GiB and about "
+            f"{bench.MEMORY_NOT_ESTIMATED:.1f} for CUDA's context, NCCL and the allocator's reserve", capacity,
             f"the config's gpu {cfg['gpu']}" if capacity else "no GPU named (config key gpu)")
 
 
@@ -880,10 +992,10 @@ def time_steps(step, epoch_batches, procs, warmup, steps):
     n_warm = torch.tensor(len(warm) + warmup, device=procs.device)
     if procs.ddp:
         dist.all_reduce(n_warm, dist.ReduceOp.MAX)
+    if procs.device.type == "cuda":  # the peak over every batch size, the largest (the triplet's) included
+        torch.cuda.reset_peak_memory_stats(procs.device)
     for i in range(n_warm.item()):
         step(warm[i] if i < len(warm) else epoch_batches[i % len(epoch_batches)])
-    if procs.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(procs.device)
     timer, images, start = PhaseTimer(procs.device), 0, time.perf_counter()
     for i in range(steps):
         idx = epoch_batches[(warmup + i) % len(epoch_batches)]
@@ -897,7 +1009,8 @@ def benchmark(run, steps, warmup=5):
     """Steady-state images/s and where the step time goes; under DDP also what the gradient all-reduce costs alone
     (DDP runs it inside backward)."""
     procs, device = run.procs, run.procs.device
-    elapsed, images, timer = time_steps(lambda idx, timer=None: train_step(run, idx, timer), run.batches.epoch(0),
+    elapsed, images, timer = time_steps(lambda idx, timer=None: train_step(run, idx, timer),
+                                        data.batches_on(procs.device, run.batches.epoch(0)),
                                         procs, warmup, steps)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     total = sum(v for k, v in timer.totals.items() if k != "start")

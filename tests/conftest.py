@@ -68,8 +68,16 @@ def tiny_config(tmp, data_dir, **overrides):
     return path
 
 
+def save_edited_checkpoint(ckpt, path):
+    """A checkpoint a test has edited, saved with the checksum of what it now holds, as train.py would have."""
+    import torch
+    from model import content_digest
+    ckpt = {k: v for k, v in ckpt.items() if k != "checksum"}
+    torch.save({**ckpt, "checksum": content_digest(ckpt)}, path)
+
+
 def write_set(folder, people, pairs, size=24):
-    """A tiny info/pairs pair on disk, one plain image per file: (info path, pairs path, {id: paths})."""
+    """A tiny info/pairs pair on disk, one simple image per file: (info path, pairs path, {id: paths})."""
     from PIL import Image
     info = {}
     for pid, n in people.items():
@@ -77,7 +85,9 @@ def write_set(folder, people, pairs, size=24):
         info[pid] = []
         for k in range(n):
             path = str(folder / pid / f"{k}.jpg")
-            Image.new("RGB", (size, size + 8), (10 * k, 50, 200)).save(path)
+            image = Image.new("RGB", (size, size + 8), (10 * k, 50, 200))
+            image.paste((250, 250, 250), (size // 4, size // 4, size // 2, size // 2))  # not one flat colour
+            image.save(path)
             info[pid].append(path)
     (folder / "info.json").write_text(json.dumps(info))
     (folder / "pairs.json").write_text(json.dumps(pairs))

@@ -87,7 +87,9 @@ def test_cache_is_reused_and_rebuilt_when_files_or_size_change(tmp_path):
     assert torch.equal(data.build_cache(split.paths, 16, cache_dir, verbose=False), first)
     assert data.build_cache(split.paths, 20, cache_dir, verbose=False).shape[-1] == 20
     from PIL import Image
-    Image.new("RGB", (30, 30), (255, 0, 0)).save(info["1"][0])  # same path, new content
+    red = Image.new("RGB", (30, 30), (255, 0, 0))
+    red.paste((255, 255, 255), (0, 0, 4, 4))  # a corner, so that it is not one flat colour
+    red.save(info["1"][0])  # same path, new content
     os.utime(info["1"][0], ns=(1, 1))
     rebuilt = data.build_cache(split.paths, 16, cache_dir, verbose=False)
     assert not torch.equal(rebuilt[0], first[0]) and rebuilt[0, 0].float().mean() > 250

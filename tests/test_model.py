@@ -250,7 +250,7 @@ def test_trait_prompts_tile_the_face_each_reading_its_own_cell_only():
                              trait_prompts=5)
 
 
-def test_trait_prompt_embedding_is_one_term_per_prompt_read_from_its_own_cell():
+def test_trait_prompt_embedding_is_each_patch_gated_by_its_prompts_attention_and_split_exactly():
     torch.manual_seed(0)
     m = model.build_verifier(TINY_ARCH, 56, num_classes=5, deep_prompts=2, train_blocks=0, method="traits",
                              trait_prompts=4).eval()
@@ -260,13 +260,21 @@ def test_trait_prompt_embedding_is_one_term_per_prompt_read_from_its_own_cell():
                 p.add_(torch.randn_like(p) * 0.2)
         x = torch.randn(4, 3, 56, 56)
         emb = m.encode(x)
-        out, attn = m.read(*m.keys_and_tokens(x))
-    # the embedding is the prompts' contributions summed and normalised; the cosine and 1 - cosine split exactly into
-    # one term per prompt
+        keys, tokens = m.keys_and_tokens(x)
+        out, attn = m.read(keys, tokens)
+    cells = model.tiling_cells(4, 4)
+    # the reading written out patch by patch: the token's head h scaled by 4 (its cell's size) times the attention
+    # of the one prompt whose cell holds it, in head h; reduced, then projected by the patch's own map
+    for patch in range(16):
+        prompt = int(cells[:, patch].nonzero())
+        gated = torch.cat([4 * attn[:, h, prompt, patch, None] * tokens[:, h, patch] for h in range(tokens.shape[1])],
+                          -1)
+        torch.testing.assert_close(out[:, patch], m.reduce(gated) @ m.project[patch], atol=1e-5, rtol=0)
     torch.testing.assert_close(emb, F.normalize(out.sum(1), dim=-1), atol=1e-6, rtol=0)
+    # the cosine and 1 - cosine split exactly into one term per patch on each face
     score = m.score_pairs(emb, [0], [1])[0]
     held, apart = m.pair_terms(out[:2])
-    assert held.shape == apart.shape == (4,) and not torch.allclose(held, held[0].expand(4))
+    assert held.shape == apart.shape == (2, 16) and not torch.allclose(apart, apart[0, 0].expand(2, 16))
     torch.testing.assert_close(held.sum(), score, atol=1e-5, rtol=0)
     torch.testing.assert_close(apart.sum(), 1 - score, atol=1e-5, rtol=0)
     # attention over the 16 patches and the prompt itself: nothing is left for CLS or the registers
@@ -275,18 +283,18 @@ def test_trait_prompt_embedding_is_one_term_per_prompt_read_from_its_own_cell():
     _, cos = m(x)
     assert cos.shape == (4, 5) and cos.abs().max() <= 1 + 1e-5
     torch.testing.assert_close(cos, emb @ F.normalize(m.class_prompts, dim=-1).T, atol=1e-5, rtol=0)
-    # a prompt reads its own cell and nothing else: a patch's key or final token moved changes the outputs of the
-    # prompts whose cell holds it, and of no other prompt
-    cells = model.tiling_cells(4, 4)
+    # a patch's final token reaches its own contribution only; its key moves where its prompt looks, so the
+    # contributions of its cell, and of no other patch
     with torch.no_grad():
-        keys, tokens = m.keys_and_tokens(x[:1])
+        alone, _ = m.read(keys[:1], tokens[:1])  # the same shapes as below: an untouched row comes out bit for bit
         for patch in (0, 5, 15):
             for moved in ("key", "token"):
-                k, t = keys.clone(), tokens.clone()
+                k, t = keys[:1].clone(), tokens[:1].clone()
                 (k if moved == "key" else t)[..., patch, :] += torch.randn(64) * 3
                 rows, _ = m.read(k, t)
-                changed = (rows - out[:1]).abs().amax(-1)[0] > 1e-4
-                assert changed.tolist() == cells[:, patch].tolist(), (patch, moved)
+                changed = (rows != alone).any(-1)[0]
+                expected = cells[int(cells[:, patch].nonzero())] if moved == "key" else torch.arange(16) == patch
+                assert changed.tolist() == expected.tolist(), (patch, moved)
 
 
 @pytest.mark.parametrize("method", ["traits", "arcface"])

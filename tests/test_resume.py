@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import ROOT, run_py, tiny_config, torchrun
+from conftest import ROOT, run_py, save_edited_checkpoint, tiny_config, torchrun
 
 
 def state(path):
@@ -81,7 +81,7 @@ def test_resume_auto_takes_this_runs_newest_checkpoint_from_a_previous_session(t
     shutil.copy(f"{trained_run[0]}/run/previous.pt", mounted / "my-notebook" / "ckpt" / "last.pt")  # 2 of 3 epochs
     other = state(f"{trained_run[0]}/run/last.pt")
     other["config"]["lr"] = 0.001  # another run, with a higher epoch
-    torch.save(other, mounted / "older-notebook" / "ckpt" / "last.pt")
+    save_edited_checkpoint(other, mounted / "older-notebook" / "ckpt" / "last.pt")
     work = tmp_path / "working"
     work.mkdir()
     cfg = tiny_config(work, synth_dir, resume_dirs=str(mounted))

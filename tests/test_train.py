@@ -113,6 +113,7 @@ def test_a_checkpoint_from_before_the_method_key_resumes_as_promptcam(promptcam_
     ckpt = torch.load(f"{tmp}/run/last.pt", weights_only=True)
     for key in ("method", "margin", "scale", "trait_prompts"):
         del ckpt["config"][key]
+    del ckpt["checksum"]  # nor did checksums
     old = tmp_path / "old"
     old.mkdir()
     torch.save(ckpt, old / "last.pt")
@@ -174,7 +175,8 @@ def test_torchrun_two_processes_agree_and_only_rank0_writes(two_process_run):
     assert output.count("epoch 2/2 |") == 1  # only rank 0 logs
     ckpt = torch.load(tmp / "run" / "last.pt", weights_only=True)
     assert len(ckpt["rng"]) == 2 and not torch.equal(ckpt["rng"][0]["augment"], ckpt["rng"][1]["augment"])
-    assert sorted(os.listdir(tmp / "run")) in (["best.pt", "last.pt", "previous.pt"], ["last.pt", "previous.pt"])
+    assert sorted(os.listdir(tmp / "run")) in ([".lock", "best.pt", "last.pt", "previous.pt"],
+                                               [".lock", "last.pt", "previous.pt"])
 
 
 def test_two_processes_killed_mid_epoch_resume_to_the_uninterrupted_runs_state(two_process_run, synth_dir, tmp_path):
@@ -478,12 +480,18 @@ def test_check_rehearses_the_run_and_refuses_a_batch_that_would_not_fit(tmp_path
     steps = re.search(r"the whole run \(3 epochs of (\d+) steps\) takes about", out)
     ms = float(re.search(r"on this CPU: (\d+) ms a step", out).group(1))
     assert steps and ms > 0 and re.search(r"(\d+) session\(s\) of the time budget 0m02s", out)
-    assert re.search(r"peak memory [\d.]+ GiB per process, estimated for fp16, of 14.6 GiB on the config's gpu t4: fits",
-                     out)
+    memory = re.search(r"peak memory ([\d.]+) GiB per process, estimated for fp16 at batch (\d+): ([\d.]+) GiB and "
+                       r"about ([\d.]+) for CUDA's context, NCCL and the allocator's reserve, of 14.6 GiB on the "
+                       r"config's gpu t4: fits", out)
+    peak, batch, estimated, rest = memory.groups()
+    assert int(batch) == 16 + 2  # 4 families of two a batch, K = 2, and the one holding the triplet 2 images more
+    assert float(peak) == pytest.approx(float(estimated) + float(rest), abs=0.011)
     assert not os.path.exists(tmp_path / "run")  # no checkpoint, no folder
     import train
     from errors import run_cli
-    assert run_cli(train.main, ["--cfg", cfg, "--check", "--gpu", "2080ti", "--batch_size", "60000"]) == 1
+    # one batch of every image at 224 px: the estimate refuses it before any step
+    assert run_cli(train.main, ["--cfg", cfg, "--check", "--gpu", "2080ti", "--batch_size", "60000",
+                                "--img_size", "224"]) == 1
     assert "batch_size 60000 does not fit the config's gpu 2080ti" in capsys.readouterr().err
 
 

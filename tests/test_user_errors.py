@@ -10,11 +10,12 @@ import time
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import data
 import train
-from conftest import ROOT, run_py, tiny_config, write_set
+from conftest import ROOT, run_py, save_edited_checkpoint, tiny_config, write_set
 from errors import UserError, run_cli
 
 SIDE = 40
@@ -91,6 +92,17 @@ def test_an_image_too_small_for_a_face_is_refused_with_its_name_and_size(tmp_pat
         data.build_cache([str(tmp_path / "dot.png"), str(tmp_path / "strip.png")], 56, str(tmp_path / "c"), False)
 
 
+def test_a_picture_of_one_flat_colour_is_refused_by_name(tmp_path):
+    import cam
+    Image.new("RGB", (40, 40), (0, 0, 0)).save(tmp_path / "blank.png")
+    Image.new("RGBA", (40, 40), (90, 20, 20, 0)).save(tmp_path / "clear.png")  # fully transparent: white
+    with pytest.raises(UserError, match=r"blank.png: one flat colour \(0, 0, 0\), no face"):
+        cam.read_image(str(tmp_path / "blank.png"), 56)
+    with pytest.raises(data.DataError, match=r"clear.png: one flat colour \(255, 255, 255\), no face \(a blank or "
+                                             r"fully transparent picture\?\)"):
+        data.build_cache([str(tmp_path / "clear.png")], 16, str(tmp_path / "c"), False)
+
+
 def train_error(argv, capsys):
     """train.py's exit status and the message it printed, run in this process."""
     status = run_cli(train.main, argv)
@@ -102,13 +114,15 @@ def test_every_bad_config_value_is_named_at_once_before_any_image_is_read(tmp_pa
     cfg = tiny_config(tmp_path, synth_dir)
     bad = {"epochs": "0", "batch_size": "-5", "lr": "nan", "weight_decay": "-1", "margin": "2", "scale": "inf",
            "images_per_person": "0", "warmup_epochs": "-1", "loss_class": "nan", "seed": "-3",
-           "path_remap": "nothing", "cache_dir": f"{tmp_path}/a_file/cache", "out_dir": f"{tmp_path}/a_file/run"}
+           "path_remap": "nothing", "cache_dir": f"{tmp_path}/a_file/cache", "out_dir": f"{tmp_path}/a_file/run",
+           "arch": "dinov2_vitb14_reg5"}
     argv = ["--cfg", cfg] + [a for k, v in bad.items() for a in (f"--{k}", v)]
     status, out = train_error(argv, capsys)
     lines = out.err.strip().splitlines()
     assert status == 1 and lines[0] == f"{len(bad)} problem(s) with the config:", out.err
     assert {line.split(":")[0].strip() for line in lines[1:]} == set(bad), lines
     assert "lr: nan must be a finite number above 0" in out.err
+    assert "arch: 'dinov2_vitb14_reg5' is neither a backbone by name (dinov2_vits14, " in out.err
     assert f"cache_dir: {tmp_path}/a_file/cache cannot be a folder: {tmp_path}/a_file is a file" in out.err
     assert not os.path.exists(tmp_path / "cache") and out.out == ""  # nothing decoded, nothing built
     status, out = train_error(["--cfg", cfg, "--batch_size", "7"], capsys)  # below two families of 2 x 2 images
@@ -151,6 +165,15 @@ def test_data_problems_are_one_message_from_every_entry_point(tmp_path):
         assert problem in proc.stderr
     (tmp_path / "pairs.json").write_text("[[1, 2")
     one_line_exit(["train.py", "--cfg", str(cfg)], f"{tmp_path}/pairs.json: pairs file is not valid JSON")
+    # a person listed twice in an info file: JSON keeps one list silently, so the file is refused by name
+    text = json.dumps(info)
+    (tmp_path / "info.json").write_text(text[:-1] + ', "1": ' + json.dumps(info["1"][:1]) + "}")
+    one_line_exit(["train.py", "--cfg", str(cfg)], f"{tmp_path}/info.json: info file has the key '1' twice")
+    (tmp_path / "info.json").write_text("{}")
+    (tmp_path / "pairs.json").write_text("[]")
+    proc = one_line_exit(["train.py", "--cfg", str(cfg)], "2 problem(s) with the data")
+    assert f"{tmp_path}/info.json: no people in it" in proc.stderr
+    assert f"{tmp_path}/pairs.json: no twin pairs in it" in proc.stderr
     one_line_exit(["bench.py", "data", "--data", str(tmp_path / "nowhere")], "info file not found")
     (tmp_path / "blocked").write_text("")
     one_line_exit(["data.py", "synth", "--out", str(tmp_path / "blocked" / "synth")],
@@ -253,3 +276,130 @@ def alive(pid):
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def test_a_diverging_run_stops_with_one_line_before_saving_and_its_weights_are_refused(trained_run, synth_dir,
+                                                                                       tmp_path):
+    """lr 1e30 turns the loss to nan in the first epoch: one line (the step, the loss, what to try), exit 1, no
+    checkpoint; a checkpoint whose weights are not finite is refused by name by every command that reads it."""
+    proc = run_py(["train.py", "--cfg", tiny_config(tmp_path, synth_dir, lr="1e30")], check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "at step" in proc.stderr
+    assert "in epoch 1: training diverged, and nothing of this epoch was saved" in proc.stderr
+    assert "--lr 1e+29" in proc.stderr and not os.path.exists(tmp_path / "run" / "last.pt")
+    tmp, _ = trained_run
+    ckpt = torch.load(f"{tmp}/run/best.pt", weights_only=True)
+    ckpt["model"]["trait_prompts"][0, 0] = float("nan")
+    save_edited_checkpoint(ckpt, tmp_path / "nan.pt")  # as a diverged run writes it: the checksum fits
+    for script in (["evaluate.py", "--out", str(tmp_path / "eval")], ["cam.py", "--pairs", "test"]):
+        proc = run_py([*script, "--ckpt", str(tmp_path / "nan.pt")], check=False)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert f"{tmp_path / 'nan.pt'}: weights that are not finite (trait_prompts)" in proc.stderr
+
+
+def test_evaluate_and_cam_check_every_value_before_any_work(tmp_path, capsys):
+    import cam
+    import evaluate
+    missing = str(tmp_path / "no_such_run")  # values are checked before the checkpoint is even looked for
+    assert run_cli(evaluate.main, ["--ckpt", missing, "--bootstrap", "0", "--threshold", "nan",
+                                   "--path-remap", "nowhere"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("3 problem(s) with the arguments:") and "--threshold nan: must be a finite number" in err
+    assert "--bootstrap 0: must be at least 1" in err and "--path-remap 'nowhere': expected OLD=NEW" in err
+    assert run_cli(cam.main, ["--ckpt", missing, "--pairs", "test", "--n", "-3", "--heads", "-2"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("2 problem(s) with the arguments:") and "--n -3: must be at least 1" in err
+    assert "--heads -2: must be at least 1" in err
+
+
+def test_more_pairs_than_the_split_holds_are_each_used_once(tmp_path, capsys):
+    import cam
+    info, pairs, _ = write_set(tmp_path, {"1": 2, "2": 2, "3": 2, "4": 2}, [["1", "2"], ["3", "4"]])
+    chosen = cam.pick_pairs(data.load_split(info, pairs), 16)  # 4 genuine and 8 twin pairs exist
+    assert len(chosen) == len(set(chosen)) == 12
+    assert "--n 16: the test split has 4 genuine pairs; each is used once" in capsys.readouterr().out
+
+
+def test_ctrl_c_ends_a_run_with_one_line_saying_what_was_saved_and_how_to_go_on(tmp_path, synth_dir):
+    cfg = tiny_config(tmp_path, synth_dir, epochs=50)
+    run = subprocess.Popen([sys.executable, "train.py", "--cfg", cfg], cwd=ROOT, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1",
+                                                                  "OMP_NUM_THREADS": "1"})
+    for line in run.stdout:  # epoch 1 is saved once its line is out
+        if line.startswith("epoch 1/50 |"):
+            break
+    run.send_signal(signal.SIGINT)
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 1 and "Traceback" not in err, err
+    assert err.startswith(f"interrupted after epoch 1: {tmp_path}/run/last.pt holds it; continue with:")
+    assert f"python train.py --cfg {cfg} --resume auto" in err
+    assert os.path.exists(tmp_path / "run" / "last.pt")
+
+
+def test_an_out_dir_is_written_by_one_run_at_a_time_and_a_killed_run_leaves_no_lock(tmp_path, synth_dir):
+    cfg = tiny_config(tmp_path, synth_dir, epochs=50)
+    first = subprocess.Popen([sys.executable, "train.py", "--cfg", cfg], cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1",
+                                                                    "OMP_NUM_THREADS": "1"})
+    try:
+        for line in first.stdout:
+            if line.startswith("epoch 1/50 |"):
+                break
+        for argv in (["--cfg", cfg], ["--cfg", cfg, "--resume", "auto"], ["--resume", f"{tmp_path}/run"]):
+            proc = run_py(["train.py", *argv], check=False)
+            assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+            assert f"{tmp_path}/run is being written by another run (process {first.pid} on" in proc.stderr
+    finally:
+        first.kill()
+        first.communicate()
+    (tmp_path / "run" / f"last.pt.{first.pid}.tmp").write_bytes(b"half a checkpoint")  # a save the kill cut short
+    out = run_py(["train.py", "--cfg", cfg, "--resume", "auto", "--time-budget", "0.01s"]).stdout
+    assert "resum" in out and not list((tmp_path / "run").glob("*.tmp"))
+
+
+def flip_bytes_in_a_tensor(path, n=64):
+    """n bytes inverted in the middle of a checkpoint's largest stored tensor: the file still loads."""
+    import struct
+    import zipfile
+    with zipfile.ZipFile(path) as z:
+        entry = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    raw = bytearray(open(path, "rb").read())
+    name_len, extra_len = struct.unpack("<HH", raw[entry.header_offset + 26:entry.header_offset + 30])
+    start = entry.header_offset + 30 + name_len + extra_len + entry.file_size // 2
+    raw[start:start + n] = bytes(b ^ 0xFF for b in raw[start:start + n])
+    open(path, "wb").write(raw)
+
+
+def test_a_damaged_checkpoint_is_refused_by_name_and_resume_falls_back_to_the_one_before(tmp_path, synth_dir):
+    cfg = tiny_config(tmp_path, synth_dir, epochs=2)
+    run_py(["train.py", "--cfg", cfg])
+    last, previous = tmp_path / "run" / "last.pt", tmp_path / "run" / "previous.pt"
+    flip_bytes_in_a_tensor(last)
+    torch.load(last, weights_only=True)  # still a loadable file: only the checksum tells
+    proc = run_py(["evaluate.py", "--ckpt", str(last), "--out", str(tmp_path / "eval")], check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith(f"{last}: damaged: its contents no longer match the checksum saved with them")
+    out = run_py(["train.py", "--resume", str(tmp_path / "run"), "--epochs", "3", "--time-budget", "0.01s"]).stdout
+    assert f"{last}: damaged" in out and f"resuming from {previous}, the epoch before" in out
+    assert f"the damaged file is kept as {last}.damaged" in out  # not rotated into previous.pt by the next save
+    assert torch.load(last, weights_only=True)["epoch"] == 1  # epoch 2 trained again from epoch 1's checkpoint
+    assert torch.load(previous, weights_only=True)["epoch"] == 0
+    os.remove(last)  # a kill between a save's two renames
+    out = run_py(["train.py", "--resume", str(tmp_path / "run"), "--epochs", "3", "--time-budget", "0.01s"]).stdout
+    assert f"a folder with no last.pt in it; resuming from {previous}" in out
+
+
+def test_test_people_or_images_that_also_train_are_refused_before_any_work(trained_run, synth_dir, tmp_path):
+    train_info = json.load(open(f"{synth_dir}/train_info.json"))
+    test_info = json.load(open(f"{synth_dir}/test_info.json"))
+    person = sorted(train_info)[0]
+    leaked = {**test_info, person: train_info[person]}  # a training person listed again as a test person
+    (tmp_path / "leak_info.json").write_text(json.dumps(leaked))
+    cfg = tiny_config(tmp_path, synth_dir, test_info=f"{tmp_path}/leak_info.json")
+    proc = one_line_exit(["train.py", "--cfg", cfg], f"2 problem(s) with the test split in {tmp_path}/leak_info.json")
+    assert f"1 person id(s) also in the training split ({person}): test people must be unseen" in proc.stderr
+    assert f"{len(train_info[person])} image path(s) also in the training split" in proc.stderr
+    assert not os.path.exists(tmp_path / "cache")  # refused before the cache is built
+    tmp, _ = trained_run
+    one_line_exit(["evaluate.py", "--ckpt", f"{tmp}/run", "--test-info", f"{tmp_path}/leak_info.json",
+                          "--out", str(tmp_path / "eval")], "1 person id(s) also in the training split")
