@@ -1,4 +1,5 @@
-"""Speed and memory figures that print numbers (not tests); training-step figures come from `train.py --benchmark`.
+"""Measuring: speed and memory figures that print numbers (not tests). train.py hands its training step to the
+preflight (`--check`), the benchmark (`--benchmark`) and the largest-batch search (`batch_size: auto`) here.
 
     python bench.py memory --cfg configs/t4x2.yaml      # peak training memory per process, estimated without a GPU
     python bench.py scoring [--arch FILE]               # encode 100 images vs score 10,000 pairs
@@ -6,21 +7,206 @@
 """
 import argparse
 import functools
+import math
 import os
 import re
 import statistics
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 
 import torch
+import torch.distributed as dist
 
 import data
 import evaluate
 import model
+import synth
+from config import MODEL_KEYS, load_config
+from devices import autocast, named_gpu, peak_memory_gb
 from errors import UserError, run_cli
 from model import Encoding, PromptCamVerifier, ViT, ViTConfig, load_vit
+from progress import format_seconds
 
+
+# ---------------------------------------------------------------- the training step (train.py hands it over)
+
+def probe_step(raw, images, labels, n, device, precision, gen):
+    """Forward and backward of a training batch of n images, its gradients dropped: no state of the run changes."""
+    try:
+        x = data.augment(images[:n].to(device), gen)
+        with autocast(device, precision):
+            loss = sum(raw.loss_terms(raw(x), labels[:n]).values())
+        loss.backward()
+    finally:
+        raw.zero_grad(set_to_none=True)
+
+
+def time_probe_step(raw, images, labels, n, device, precision, repeats=3):
+    """Seconds per uncompiled training step (forward and backward; the optimiser is a few % more)."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    probe_step(raw, images, labels, n, device, precision, gen)  # warm-up
+    torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        probe_step(raw, images, labels, n, device, precision, gen)
+    torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) / repeats
+
+
+def auto_batch_size(raw, images, labels, K, device, precision, log):
+    """The largest batch (whole families of K images per person) whose training step fits in GPU memory."""
+    if device.type != "cuda":
+        log("batch_size auto: no GPU, using 64")
+        return 64
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def fits(n):
+        try:
+            probe_step(raw, images, labels, n, device, precision, gen)
+            return True
+        except torch.OutOfMemoryError:
+            return False
+        finally:
+            torch.cuda.empty_cache()
+
+    step = 4 * K  # two twin families
+    n = step
+    while n * 2 <= len(images) and fits(n * 2):
+        n *= 2
+    lo, hi = n, min(n * 2, len(images))
+    while hi - lo > step:
+        mid = (lo + hi) // 2 // step * step
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    chosen = int(lo * 0.9) // step * step or step  # headroom for fragmentation and validation
+    log(f"batch_size auto: {lo} images fit in {torch.cuda.get_device_name(device)}; using {chosen}")
+    return chosen
+
+
+def preflight(run, train_step, budget, steps=3):
+    """--check: a few of train.py's training steps at the config's batch size on this device, then what the whole run
+    needs: speed, peak memory per process (measured on a GPU; on a CPU estimated, before the steps) against the GPU it
+    is meant for, and wall time against the time budget. A UserError when the batch would not fit."""
+    cfg, procs, device = run.cfg, run.procs, run.procs.device
+    if device.type != "cuda":
+        report_memory(run, *estimated_memory(run))
+    try:
+        seconds, images, _ = time_steps(train_step, data.batches_on(procs.device, run.batches.epoch(0)), procs,
+                                        warmup=1, steps=steps)
+    except torch.OutOfMemoryError:
+        raise UserError(f"batch_size {cfg['batch_size']} does not fit {torch.cuda.get_device_name(device)}: a training "
+                        f"step ran out of memory; lower batch_size (or try --batch_size auto)") from None
+    val_seconds = time.perf_counter()
+    if procs.master and run.train_set.val_split is not None:
+        evaluate.validate(run.raw, run.train_set.val_images, run.train_set.val_split, device, procs.precision)
+    val_seconds = time.perf_counter() - val_seconds
+    wall = ((cfg["epochs"] * len(run.batches) - run.step) * seconds / steps
+            + (cfg["epochs"] - run.first_epoch) * val_seconds)
+    n_train = sum(p.numel() for p in run.raw.parameters() if p.requires_grad)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "this CPU"
+    procs.log(f"check: {n_train:,} trainable parameters; on {name}: {1000 * seconds / steps:.0f} ms a step, "
+              f"{images * procs.world / seconds:.1f} images/s, validation {val_seconds:.2f} s")
+    procs.log(f"check: the whole run ({cfg['epochs'] - run.first_epoch} epochs of {len(run.batches)} steps) takes "
+              f"about {format_seconds(wall)} here" + (f", {math.ceil(wall / budget)} session(s) of the time budget "
+                                                       f"{format_seconds(budget)}" if budget else ""))
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        procs.log(f"check: peak {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB allocated, "
+                  f"{torch.cuda.max_memory_reserved(device) / 2**30:.2f} GiB reserved by torch, over every batch size "
+                  f"an epoch deals")
+        report_memory(run, (total - free) / 2**30, "measured in use on the GPU (CUDA's context, NCCL's buffers and "
+                      "any other process on it included)", total / 2**30, name)
+    return 0
+
+
+def estimated_memory(run):
+    """(peak GiB, how, capacity GiB or None, where) of the run on the GPU its config names, by bench.py's estimate at
+    the largest batch an epoch deals, with this run's training images in the cache."""
+    cfg = run.cfg
+    capacity, precision = named_gpu(cfg)
+    shape = {k: v for k, v in asdict(run.raw.vit.cfg).items() if k != "img_size"}
+    batch = max(len(idx) for idx in run.batches.epoch(0))
+    peak = sum(training_memory(cfg, shape, capacity, precision, batch, len(run.train_set.images))[0].values())
+    return (peak + MEMORY_NOT_ESTIMATED, f"estimated for {precision} at batch {batch}: {peak:.2f} GiB and about "
+            f"{MEMORY_NOT_ESTIMATED:.1f} for CUDA's context, NCCL and the allocator's reserve", capacity,
+            f"the config's gpu {cfg['gpu']}" if capacity else "no GPU named (config key gpu)")
+
+
+def report_memory(run, peak, how, capacity, where):
+    """The peak memory line of --check; a UserError when it does not fit."""
+    fits = capacity is None or peak <= capacity
+    run.procs.log(f"check: peak memory {peak:.2f} GiB per process, {how}, "
+                  + (f"of {capacity:.1f} GiB on {where}: {'fits' if fits else 'does NOT fit'}" if capacity else where))
+    if not fits:
+        raise UserError(f"batch_size {run.cfg['batch_size']} does not fit {where}: {peak:.2f} of {capacity:.1f} GiB; "
+                        f"lower batch_size (or try --batch_size auto on the GPU)")
+
+
+def time_steps(step, epoch_batches, procs, warmup, steps):
+    """(seconds, images, phase timer) of `steps` timed steps, after untimed ones on every batch size the epoch holds
+    (batches holding the triplet family are larger, and torch.compile builds a graph per size) and `warmup` more.
+    Every rank takes as many steps: DDP reduces gradients in each."""
+    warm = list({len(idx): idx for idx in epoch_batches}.values())
+    n_warm = torch.tensor(len(warm) + warmup, device=procs.device)
+    if procs.ddp:
+        dist.all_reduce(n_warm, dist.ReduceOp.MAX)
+    if procs.device.type == "cuda":  # the peak over every batch size, the largest (the triplet's) included
+        torch.cuda.reset_peak_memory_stats(procs.device)
+    for i in range(n_warm.item()):
+        step(warm[i] if i < len(warm) else epoch_batches[i % len(epoch_batches)])
+    timer, images, start = PhaseTimer(procs.device), 0, time.perf_counter()
+    for i in range(steps):
+        idx = epoch_batches[(warmup + i) % len(epoch_batches)]
+        timer.mark("start")
+        step(idx, timer)
+        images += len(idx)
+    return time.perf_counter() - start, images, timer
+
+
+def benchmark(run, train_step, steps, warmup=5):
+    """--benchmark: steady-state images/s of train.py's training step and where its time goes; under DDP also what
+    the gradient all-reduce costs alone (DDP runs it inside backward)."""
+    procs, device = run.procs, run.procs.device
+    elapsed, images, timer = time_steps(train_step, data.batches_on(procs.device, run.batches.epoch(0)), procs,
+                                        warmup, steps)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    total = sum(v for k, v in timer.totals.items() if k != "start")
+    shares = ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in timer.totals.items() if k != "start")
+    procs.log(f"benchmark on {name} x{procs.world} process(es), {procs.precision}, compile "
+              f"{'on' if run.compiled else 'off'}:\n  {images / elapsed:.1f} images/s per process, "
+              f"{images * procs.world / elapsed:.1f} in all (batch {images // steps})\n  step time: {shares}\n"
+              f"  peak memory: {peak_memory_gb(device):.2f} GB")
+    if procs.ddp:
+        n_trainable = sum(p.numel() for p in run.raw.parameters() if p.requires_grad)
+        grads = torch.zeros(n_trainable, device=device)
+        dist.barrier()
+        start = time.perf_counter()
+        for _ in range(steps):
+            dist.all_reduce(grads)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        per_step = (time.perf_counter() - start) / steps
+        procs.log(f"  gradient all-reduce alone ({n_trainable:,} values): {1000 * per_step:.1f} ms per step, "
+                  f"{100 * per_step * steps / elapsed:.0f}% of the step time")
+
+
+class PhaseTimer:
+    """Wall time per phase of a step, synchronising the GPU at each mark (benchmark only)."""
+
+    def __init__(self, device):
+        self.device, self.totals, self.last = device, {}, None
+
+    def mark(self, phase):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        if self.last is not None:
+            self.totals[phase] = self.totals.get(phase, 0.0) + now - self.last
+        self.last = now
+
+
+# ---------------------------------------------------------------- bench.py's own figures
 
 def scoring(args):
     """Encoding runs every block on every token; a pair costs two prompt rows through the last block."""
@@ -136,17 +322,12 @@ def ddp(args):
 def nd_twin_training_images(cfg):
     """How many of ND TWIN's 6,182 training images train, and so sit in the GPU's cache: the real split's shape
     (tests/fixtures/nd_twin_split_structure.json) with the config's validation families held out as train.py does."""
-    images, pairs = data.synth_structure("real", data.REAL_STRUCTURE)["train"]
-    ids = sorted(images)
-    index = {pid: i for i, pid in enumerate(ids)}
-    split = data.Split(ids, [f for pid in ids for f in images[pid]],
-                       torch.tensor([index[pid] for pid in ids for _ in images[pid]]),
-                       data.twin_families(len(ids), [(index[a], index[b]) for a, b in pairs]))
-    train_split, _ = data.hold_out_families(split, 0 if cfg["full"] else cfg["val_families"], cfg["seed"])
+    split = data.split_of(*synth.synth_structure("real", synth.REAL_STRUCTURE)["train"])
+    train_split, _ = data.hold_out_families(split, cfg["val_families"], cfg["seed"])
     return len(train_split.paths)
 
 
-def largest_batch(cfg):
+def largest_batch_images(cfg):
     """The most images a training batch holds: its families of two, one of them ND TWIN's triplet (K images more)."""
     K = cfg["images_per_person"]
     return max(1, cfg["batch_size"] // (2 * K)) * 2 * K + K
@@ -164,7 +345,7 @@ def saved_bytes(model, batch, precision, img_size):
             seen[storage.data_ptr()] = storage.nbytes()
         return t
     x = torch.randn(batch, 3, img_size, img_size)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), evaluate.autocast(torch.device("cpu"), precision):
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast(torch.device("cpu"), precision):
         model.loss_terms(model(x), torch.arange(batch) % 8)
     return sum(seen.values())
 
@@ -177,22 +358,17 @@ def per_image_and_fixed(model, precision, img_size):
 def arch_shape(cfg):
     """The backbone's shape by its name: what the memory estimate needs, with no weights at hand."""
     if cfg["arch"] not in model.ARCH_SHAPES:
-        raise UserError(f"arch {cfg['arch']!r}: the estimate needs a backbone by name ({', '.join(model.ARCH_SHAPES)}); "
+        raise UserError(f"arch {cfg['arch']!r}: the estimate needs a backbone by name "
+                        f"({', '.join(model.ARCH_SHAPES)}); "
                         f"for a checkpoint file, `python train.py --cfg ... --check` reads its shape")
     return model.named_shape(cfg["arch"])
 
 
 def config_model(cfg, shape, embed_dim=None):
     """The verifier a config trains, with fresh weights; embed_dim narrows it (same depth, tokens and method)."""
-    shape = {**shape, "embed_dim": embed_dim or shape["embed_dim"]}
-    vit = ViT(ViTConfig(img_size=cfg["img_size"], **shape))
-    vit.init_weights(torch.Generator().manual_seed(0))
-    vit.family, vit.fingerprint = "dinov2", "random"
-    return model.build_verifier(vit, cfg["img_size"], 8, cfg["deep_prompts"], cfg["train_blocks"], cfg["method"],
-                                cfg["margin"], cfg["scale"], cfg["trait_prompts"])
-
-
-MODEL_KEYS = ("img_size", "deep_prompts", "train_blocks", "method", "margin", "scale", "trait_prompts")
+    vit = model.random_vit(cfg["arch"], cfg["img_size"], **{**shape, **({"embed_dim": embed_dim} if embed_dim else {})})
+    return model.build_verifier(vit, cfg["img_size"], 8, cfg["deep_prompts"], cfg["train_blocks"],
+                                **{k: cfg[k] for k in ("method", "margin", "scale", "trait_prompts")})
 
 
 @functools.lru_cache(maxsize=None)
@@ -218,14 +394,14 @@ def training_memory(cfg, shape, gpu_gib=None, precision=None, batch=None, cache_
     """Estimated peak training memory per process in GiB, by part: weights (fp32), gradients and AdamW's two moments
     of what trains (fp32), the image cache when it would sit on the GPU, and what autograd saves for backward
     (backward_bytes) at the largest batch, a third more for backward's transient buffers. batch and cache_images
-    default to ND TWIN's (largest_batch, nd_twin_training_images). Not counted: CUDA's context, NCCL's buffers and
-    what the allocator holds beyond its peak (MEMORY_NOT_ESTIMATED)."""
+    default to ND TWIN's (largest_batch_images, nd_twin_training_images). Not counted: CUDA's context, NCCL's
+    buffers and what the allocator holds beyond its peak (MEMORY_NOT_ESTIMATED)."""
     per_image, fixed, n_all, n_train = backward_bytes(tuple(cfg[k] for k in MODEL_KEYS), tuple(sorted(shape.items())),
                                                       precision)
     cache = (cache_images or nd_twin_training_images(cfg)) * 3 * cfg["img_size"] ** 2
-    on_gpu = cfg["cache_device"] == "cuda" or (cfg["cache_device"] == "auto" and gpu_gib and cache < 0.25 * gpu_gib * 2**30)
+    on_gpu = data.cache_on_gpu(cfg["cache_device"], cache, gpu_gib and gpu_gib * 2**30)
     parts = {"weights": 4 * n_all, "gradients and AdamW": 12 * n_train, "image cache": cache if on_gpu else 0,
-             "saved for backward": (fixed + per_image * (batch or largest_batch(cfg))) * 4 / 3}
+             "saved for backward": (fixed + per_image * (batch or largest_batch_images(cfg))) * 4 / 3}
     return {k: v / 2**30 for k, v in parts.items()}, n_train
 
 
@@ -236,15 +412,14 @@ MEMORY_NOT_ESTIMATED = 1.0
 
 def memory(args):
     """Peak training memory per process of a config, estimated with no GPU, no data and no weights."""
-    import train
-    cfg = train.load_config(args.cfg, {})
-    gpu_gib, gpu_precision = train.GPUS.get(cfg["gpu"], (None, "fp32"))
-    precision = gpu_precision if cfg["precision"] == "auto" else cfg["precision"]
-    parts, n_train = training_memory(cfg, arch_shape(cfg), gpu_gib, precision)
+    cfg = load_config(args.cfg, {})
+    gpu_gib, precision = named_gpu(cfg)
+    n_images = nd_twin_training_images(cfg)
+    parts, n_train = training_memory(cfg, arch_shape(cfg), gpu_gib, precision, cache_images=n_images)
     total = sum(parts.values())
     print(f"{' + '.join(args.cfg)}: {cfg['method']}, {cfg['arch']} at {cfg['img_size']} px, batch {cfg['batch_size']} "
-          f"per process (up to {largest_batch(cfg)} with the triplet family), {precision}, train_blocks "
-          f"{cfg['train_blocks']} ({n_train:,} trainable parameters; {nd_twin_training_images(cfg):,} images train)")
+          f"per process (up to {largest_batch_images(cfg)} with the triplet family), {precision}, train_blocks "
+          f"{cfg['train_blocks']} ({n_train:,} trainable parameters; {n_images:,} images train)")
     for name, gib in parts.items():
         print(f"  {name:<22} {gib:6.2f} GiB")
     target = f"{cfg['gpu']}: {gpu_gib:.1f} GiB" if gpu_gib else "no `gpu` in the config"
@@ -261,7 +436,7 @@ def main(argv=None):
     s.add_argument("--img-size", type=int, default=224)
     s.add_argument("--depth", type=int, default=12)
     d = sub.add_parser("data")
-    d.add_argument("--data", required=True, help="a folder made by `python data.py synth`")
+    d.add_argument("--data", required=True, help="a folder made by `python synth.py`")
     d.add_argument("--size", type=int, default=112)
     d.add_argument("--batch-size", type=int, default=64)
     d.add_argument("--batches", type=int, default=20)

@@ -17,7 +17,7 @@ import data
 import plots
 from evaluate import GENUINE, KINDS, TWIN, protocol_pairs
 from errors import UserError, refuse, run_cli
-from model import checkpoint_of_run, read_training_checkpoint, verifier_from_checkpoint
+from checkpoints import checkpoint_of_run, read_training_checkpoint, verifier_from_checkpoint
 from tracking import Tracker, tracker_of_checkpoint
 
 
@@ -133,6 +133,16 @@ def pick_pairs(split, n):
     return chosen
 
 
+def example_pair(cfg):
+    """Two photos of twins from a config's test split, for the command line a finished run suggests."""
+    try:
+        split = data.load_split(cfg["test_info"], cfg["test_pairs"], cfg["path_remap"])
+        a, b, _ = pick_pairs(split, 1)[0]
+        return split.paths[a], split.paths[b]
+    except (UserError, IndexError):
+        return "A.jpg", "B.jpg"
+
+
 def test_images(ckpt, args):
     """The test split (the checkpoint's, unless given) and its uint8 image cache at the model's size."""
     cfg = ckpt["config"]
@@ -198,7 +208,7 @@ def trait_hits(model, ckpt, args, device):
     how often does a part's map (a trait prompt's attention) peak on one, where its reach holds a mark and more?"""
     traits = data.read_json(args.trait_hits, "traits")
     if not isinstance(traits, dict) or "marks" not in traits:
-        raise UserError(f"{args.trait_hits}: no 'marks' in it; give the traits.json that `data.py synth` wrote")
+        raise UserError(f"{args.trait_hits}: no 'marks' in it; give the traits.json that `synth.py` wrote")
     marks = traits["marks"]
     split, images = test_images(ckpt, args)
     size = ckpt["config"]["img_size"]
@@ -252,7 +262,7 @@ def main(argv=None):
     ap.add_argument("--pairs", choices=["test"], help="a gallery of test pairs")
     ap.add_argument("--n", type=int, default=16, help="pairs for --pairs, --faithfulness and --trait-hits")
     ap.add_argument("--faithfulness", action="store_true")
-    ap.add_argument("--trait-hits", help="traits.json of a synthetic set made by `data.py synth`")
+    ap.add_argument("--trait-hits", help="traits.json of a synthetic set made by `synth.py`")
     ap.add_argument("--test-info", help="default: the checkpoint's test_info")
     ap.add_argument("--test-pairs", help="default: the checkpoint's test_pairs")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

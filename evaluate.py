@@ -19,7 +19,9 @@ import torch
 import data
 import plots
 from errors import refuse, run_cli
-from model import checkpoint_of_run, load_vit, read_training_checkpoint, verifier_from_checkpoint
+from checkpoints import checkpoint_of_run, read_training_checkpoint, verifier_from_checkpoint
+from devices import autocast, default_precision
+from model import load_vit
 from tracking import tracker_of_checkpoint
 
 GENUINE, TWIN, OTHER = 0, 1, 2
@@ -144,18 +146,6 @@ def report(scores, kind, fam_a, fam_b, n_families, threshold, n_boot=1000):
 
 # ---------------------------------------------------------------- encoding and scoring
 
-def default_precision(device):
-    """fp32 on CPU; bf16 on GPUs with native bf16 (sm_80+); fp16 below (T4, 2080 Ti, P100)."""
-    if device.type != "cuda":
-        return "fp32"
-    return "bf16" if torch.cuda.get_device_capability(device) >= (8, 0) else "fp16"
-
-
-def autocast(device, precision):
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
-
-
 @torch.no_grad()
 def encode_images(model, images, device, precision="fp32", batch_size=64):
     """Encode a uint8 image cache in batches; keys/values stay in the autocast dtype to halve memory."""
@@ -191,9 +181,9 @@ def cls_scores(vit, images, a, b, device, batch_size=64):
 
 
 def cls_threshold(vit, cfg, remap, device):
-    """The CLS baseline's threshold: its EER on the validation families the model used (None after full: true)."""
+    """The CLS baseline's threshold: its EER on the validation families the model used (None after val_families: 0)."""
     train = data.load_split(cfg["train_info"], cfg["train_pairs"], remap)
-    _, val = data.hold_out_families(train, 0 if cfg["full"] else cfg["val_families"], cfg["seed"])
+    _, val = data.hold_out_families(train, cfg["val_families"], cfg["seed"])
     if val is None:
         return None
     a, b, kind, _, _ = protocol_pairs(val)
@@ -276,7 +266,7 @@ def main(argv=None):
     ap.add_argument("--all-impostors", action="store_true", help="also every cross-person pair (FAR down to 1e-4)")
     ap.add_argument("--baseline", choices=["cls"], help="cosine of the frozen backbone's CLS features instead")
     ap.add_argument("--threshold", type=float,
-                    help="decision threshold instead of the one chosen on validation (needed after `full: true`)")
+                    help="decision threshold instead of the one chosen on validation (needed after `val_families: 0`)")
     ap.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of twin families")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--tracker", action="store_true",
@@ -311,7 +301,7 @@ def main(argv=None):
             threshold, source = ckpt.get("threshold"), "the validation EER's, saved in the checkpoint"
         title = f"{model.method} verifier, epoch {ckpt['epoch'] + 1}"
     if threshold is None:
-        source = "no validation (full: true)"
+        source = "no validation (val_families: 0)"
     t0 = time.perf_counter()
     result = report(scores, kind, fam_a, fam_b, len(split.families), threshold, args.bootstrap)
     t_metrics = time.perf_counter() - t0

@@ -54,10 +54,11 @@ def named_shape(arch):
     return {k: v for k, v in ARCH_SHAPES[arch].items() if k != "native_grid"}
 
 
-def random_vit(arch, img_size, seed=0):
-    """A ViT of a named architecture with fresh weights (DINOv2's initialisation): the exact model of a config, with
-    no download, for memory estimates and rehearsals."""
-    shape = named_shape(arch)
+def random_vit(arch, img_size, seed=0, **shape):
+    """A ViT with fresh weights (DINOv2's initialisation): the exact model of a config, with no download, for memory
+    estimates and rehearsals. A named architecture's shape, its fields overridden by `shape` (a narrower twin), or
+    `shape` alone (the ViTConfig fields of a backbone file, read from it)."""
+    shape = {**(named_shape(arch) if arch in ARCH_SHAPES else {}), **shape}
     vit = ViT(vit_config(arch, img_size, **shape))
     vit.init_weights(torch.Generator().manual_seed(seed))
     vit.family = "dino" if arch.startswith("dino_") else "dinov2_reg" if shape["num_registers"] else "dinov2"
@@ -795,11 +796,13 @@ class PromptCamVerifier(Verifier):
             parts.append(Part(f"head {h} (rank {rank + 1} by greedy blur): {on_faces:.1%} of the prompts' attention on "
                               f"the other face's patches", (maps["cross_b_on_a"][h], maps["cross_a_on_b"][h]),
                               ("p(B) looks on A", "p(A) looks on B"),
-                              max(float(maps[k][h].max()) for k in ("cross_a_on_b", "cross_b_on_a", "self_a", "self_b")),
+                              max(float(maps[k][h].max())
+                                  for k in ("cross_a_on_b", "cross_b_on_a", "self_a", "self_b")),
                               (contrast[0][h], contrast[1][h]), ("contrast on A", "contrast on B"),
                               max(float(np.abs(c[h]).max()) for c in contrast) or 1e-6, "self-cross"))
         top = heads[:self.EVIDENCE_HEADS]
-        orders = tuple(np.argsort(-maps[k][top].mean(0).ravel(), kind="stable") for k in ("cross_b_on_a", "cross_a_on_b"))
+        orders = tuple(np.argsort(-maps[k][top].mean(0).ravel(), kind="stable")
+                       for k in ("cross_b_on_a", "cross_a_on_b"))
 
         @torch.no_grad()
         def rescore(order_a, order_b, insertion):
@@ -818,8 +821,8 @@ METHODS = ("promptcam", "arcface", "traits")
 METHOD_BEFORE_THE_KEY = "promptcam"  # what checkpoints saved before `method` existed trained
 
 
-def build_verifier(arch, img_size, num_classes, deep_prompts, train_blocks, method=METHOD_BEFORE_THE_KEY, margin=0.3,
-                   scale=30.0, trait_prompts=36, weights_dir=None):
+def build_verifier(arch, img_size, num_classes, deep_prompts, train_blocks, *, method, margin, scale, trait_prompts,
+                   weights_dir=None):
     """The verifier a config describes (arch: a backbone name, URL or file, or a ViT already built); arcface reads no
     prompts, promptcam no margin, scale or trait prompts."""
     vit = arch if isinstance(arch, ViT) else load_vit(arch, img_size, weights_dir)
@@ -844,89 +847,3 @@ def official_backbone_state(vit):
         state[f"blocks.{i}.ls1.gamma"] = torch.ones(vit.cfg.embed_dim)
         state[f"blocks.{i}.ls2.gamma"] = torch.ones(vit.cfg.embed_dim)
     return state
-
-
-# How a file that is not a checkpoint starts, so a mistaken --resume or --ckpt says what it was given.
-FILE_KINDS = {b"\xff\xd8": "a JPEG image", b"\x89PNG": "a PNG image", b"{": "a JSON file", b"[": "a JSON file",
-              b"#": "a text file"}
-
-
-def content_digest(obj):
-    """sha256 of a checkpoint's contents: every tensor's dtype, shape and bytes and every other value, dicts in key
-    order. A file damaged inside a tensor still loads; its digest no longer matches the one saved with it."""
-    digest = hashlib.sha256()
-
-    def feed(x):
-        if isinstance(x, torch.Tensor):
-            t = x.detach().cpu().contiguous().reshape(-1)
-            digest.update(f"tensor {t.dtype} {tuple(x.shape)}".encode())
-            digest.update(t.view(torch.uint8).numpy().tobytes())
-        elif isinstance(x, dict):
-            digest.update(b"{")
-            for key in sorted(x, key=repr):
-                feed(key)
-                feed(x[key])
-            digest.update(b"}")
-        elif isinstance(x, (list, tuple)):
-            digest.update(b"[")
-            for value in x:
-                feed(value)
-            digest.update(b"]")
-        else:
-            digest.update(repr(x).encode())
-    feed(obj)
-    return digest.hexdigest()
-
-
-def read_training_checkpoint(path):
-    """A checkpoint train.py wrote, or a UserError that names the file and what is wrong."""
-    if os.path.isdir(path):
-        raise UserError(f"{path}: a folder, not a checkpoint file")
-    try:
-        with open(path, "rb") as f:
-            head = f.read(8)
-        if not head:
-            raise UserError(f"{path}: an empty file, not a checkpoint (a save that never finished?)")
-        if not head.startswith(b"PK"):  # torch.save writes a zip archive
-            kind = next((k for magic, k in FILE_KINDS.items() if head.startswith(magic)), "not a PyTorch file")
-            raise UserError(f"{path}: not a checkpoint ({kind})")
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such checkpoint") from None
-    except UserError:
-        raise
-    except Exception as e:
-        raise UserError(f"{path}: cannot read checkpoint ({type(e).__name__}: {e})") from None
-    if not isinstance(ckpt, dict) or not {"config", "model", "model_args"} <= set(ckpt):
-        raise UserError(f"{path}: not a training checkpoint of this project (no model in it)")
-    checksum = ckpt.pop("checksum", None)  # files written before checksums were kept have none to check
-    if checksum is not None and content_digest(ckpt) != checksum:
-        raise UserError(f"{path}: damaged: its contents no longer match the checksum saved with them")
-    return ckpt
-
-
-def checkpoint_of_run(path):
-    """A checkpoint file, or a run folder's best.pt (else its last.pt), saying which was taken."""
-    if not os.path.isdir(path):
-        return path
-    for name in ("best.pt", "last.pt"):
-        if os.path.isfile(os.path.join(path, name)):
-            print(f"using {os.path.join(path, name)}", flush=True)
-            return os.path.join(path, name)
-    raise UserError(f"{path}: a folder with neither best.pt nor last.pt in it (train.py writes them to its out_dir)")
-
-
-def verifier_from_checkpoint(ckpt, source, weights_dir=None):
-    """Rebuild the verifier a training checkpoint describes (backbone from `arch`, then its trainable weights),
-    or a UserError that names the checkpoint and what does not match."""
-    diverged = [k for k, v in ckpt["model"].items() if v.is_floating_point() and not v.isfinite().all()]
-    if diverged:
-        raise UserError(f"{source}: weights that are not finite ({', '.join(diverged[:3])}"
-                        f"{', ...' if len(diverged) > 3 else ''}): the run that wrote it diverged; train again with a "
-                        f"lower lr")
-    model = build_verifier(**ckpt["model_args"], weights_dir=weights_dir)
-    if model.vit.fingerprint != ckpt["backbone_fingerprint"]:
-        raise UserError(f"{source}: was trained on other backbone weights than {ckpt['model_args']['arch']} "
-                        f"holds now (that file was replaced after training)")
-    model.load_trainable_state(ckpt["model"], source)
-    return model

@@ -1,7 +1,8 @@
 """Experiment tracking picked by flag: `none`, `mlflow` or `wandb`. Rank 0 only.
 
 A tracker that cannot start or stops working (server down, no key) warns once and training goes on.
-Nothing leaves the machine unless a tracker was chosen; MLflow's own telemetry is switched off.
+Nothing leaves the machine unless a tracker was chosen; MLflow's own telemetry is switched off. mlflow and wandb are
+imported only by the tracker that uses them: each takes seconds, and a run that tracks nothing needs neither.
 """
 import os
 import pathlib

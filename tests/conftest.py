@@ -71,7 +71,7 @@ def tiny_config(tmp, data_dir, **overrides):
 def save_edited_checkpoint(ckpt, path):
     """A checkpoint a test has edited, saved with the checksum of what it now holds, as train.py would have."""
     import torch
-    from model import content_digest
+    from checkpoints import content_digest
     ckpt = {k: v for k, v in ckpt.items() if k != "checksum"}
     torch.save({**ckpt, "checksum": content_digest(ckpt)}, path)
 
@@ -97,7 +97,7 @@ def write_set(folder, people, pairs, size=24):
 @pytest.fixture(scope="session")
 def synth_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("synth")
-    run_py(["data.py", "synth", "--out", str(out), "--size", str(IMG)])
+    run_py(["synth.py", "--out", str(out), "--size", str(IMG)])
     return str(out)
 
 

@@ -11,7 +11,8 @@ import cam
 import data
 import evaluate
 from conftest import METHOD_RUNS, run_py
-from model import Evidence, Part, patch_masks, read_training_checkpoint, verifier_from_checkpoint
+from checkpoints import read_training_checkpoint, verifier_from_checkpoint
+from model import Evidence, Part, patch_masks
 
 CPU = torch.device("cpu")
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import data
+import synth
 from conftest import FIXTURES, ROOT, on_a_full_disk, run_py, write_set
 
 
@@ -181,7 +182,7 @@ def test_augmentation_is_seeded_per_sample_and_keeps_sides():
 
 @pytest.mark.parametrize("traits", ["sites", "random"])
 def test_synth_real_shape_matches_the_split(tmp_path, traits):
-    run_py(["data.py", "synth", "--out", str(tmp_path), "--shape", "real", "--size", "16", "--traits", traits],
+    run_py(["synth.py", "--out", str(tmp_path), "--shape", "real", "--size", "16", "--traits", traits],
            timeout=900)
     with open(os.path.join(FIXTURES, "nd_twin_split_structure.json")) as f:
         real = json.load(f)
@@ -203,14 +204,14 @@ def test_random_style_twins_in_the_same_photo_conditions_differ_only_inside_thei
     import numpy as np
     size = 112
     rng = np.random.default_rng(3)
-    look = data._family_look(rng)
-    marks_a, marks_b = data._random_traits(rng, look, 2, n=4)
+    look = synth._family_look(rng)
+    marks_a, marks_b = synth._random_traits(rng, look, 2, n=4)
     kinds = {m["kind"] for m in marks_a + marks_b}
     assert len(kinds) >= 3, kinds  # marks of several kinds
     for trial in range(3):
-        cond = data._photo_conditions(np.random.default_rng(trial), size, "random")
-        im_a, placed_a = data._draw_face(look, marks_a, cond, size)
-        im_b, placed_b = data._draw_face(look, marks_b, cond, size)
+        cond = synth._photo_conditions(np.random.default_rng(trial), size, "random")
+        im_a, placed_a = synth._draw_face(look, marks_a, cond, size)
+        im_b, placed_b = synth._draw_face(look, marks_b, cond, size)
         differs = np.abs(np.asarray(im_a, dtype=np.int16) - np.asarray(im_b, dtype=np.int16)).max(-1) > 0
         yy, xx = np.mgrid[0:size, 0:size] + 0.5
         inside = np.zeros_like(differs)
@@ -219,8 +220,8 @@ def test_random_style_twins_in_the_same_photo_conditions_differ_only_inside_thei
         assert differs.any() and not (differs & ~inside).any(), np.argwhere(differs & ~inside)[:5]
         assert all(r < 9 for _, _, r in placed_a + placed_b)  # small: a mark reaches at most 8 px at 112
     # and another photo of the same person differs everywhere: pose, light and background vary
-    other = data._photo_conditions(np.random.default_rng(99), size, "random")
-    im_a2, _ = data._draw_face(look, marks_a, other, size)
+    other = synth._photo_conditions(np.random.default_rng(99), size, "random")
+    im_a2, _ = synth._draw_face(look, marks_a, other, size)
     changed = np.abs(np.asarray(im_a2, dtype=np.int16) - np.asarray(im_a, dtype=np.int16)).max(-1) > 20
     assert changed.mean() > 0.5
 
@@ -251,3 +252,9 @@ def test_bench_data_and_scoring_print_their_figures(synth_dir, tmp_path, capsys)
     score, share = map(float, re.search(r"score 10,000 pairs \(cache\): +([\d.]+) s += ([\d.]+)% of encoding",
                                         out).groups())
     assert encode > 0 and within_rounding(share / 100, score, encode, 0.0005, 0.0005)
+
+
+def test_the_training_images_sit_on_the_gpu_under_a_quarter_of_it_unless_the_config_says():
+    assert data.cache_on_gpu("auto", 24, 100) and not data.cache_on_gpu("auto", 25, 100)
+    assert data.cache_on_gpu("cuda", 90, 100) and not data.cache_on_gpu("cpu", 1, 100)
+    assert not data.cache_on_gpu("auto", 1, None)  # no GPU named: the estimate keeps the cache in RAM

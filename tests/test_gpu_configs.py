@@ -13,6 +13,7 @@ from PIL import Image
 
 import bench
 import cam
+import config
 import data
 import evaluate
 import model
@@ -25,7 +26,7 @@ MODEL_KEYS = ("arch", "img_size", "method", "deep_prompts", "trait_prompts", "tr
 
 
 def shipped(name):
-    return train.load_config([os.path.join(ROOT, "configs", f"{name}.yaml")], {})
+    return config.load_config([os.path.join(ROOT, "configs", f"{name}.yaml")], {})
 
 
 # The configs that build the same model (their batch, precision and paths aside) are rehearsed once, under their names.
@@ -91,7 +92,7 @@ def test_each_gpu_configs_model_trains_saves_resumes_scores_and_explains(names, 
     losses = [float(train.train_step(run, family)) for _ in range(2)]
     assert all(np.isfinite(losses)) and losses[1] != losses[0]
     run.tracker = Tracker()
-    train.save_checkpoints(run, epoch=0)
+    train.save_checkpoints(run, 0, {})
 
     _, _, resumed = start(["--resume", str(tmp_path / "run" / "last.pt")])
     for key, value in run.raw.trainable_state().items():
@@ -162,18 +163,18 @@ def test_each_cpu_config_layering_is_valid_and_builds_its_model(layering, tmp_pa
     writes it, each run in a folder of its own; the config passes every check and its model takes a batch."""
     monkeypatch.chdir(tmp_path)
     layers = layering.split("+")
-    cfg = train.load_config([os.path.join(ROOT, "configs", f"{name}.yaml") for name in layers], {})
+    cfg = config.load_config([os.path.join(ROOT, "configs", f"{name}.yaml") for name in layers], {})
     folder, out_dir = CPU_LAYERS[layering]
     assert cfg["train_info"] == f"data/{folder}/train_info.json" and cfg["cache_dir"] == f"data/{folder}/cache"
     assert cfg["out_dir"] == out_dir
     if "cpu_frozen" in layers:  # the backbone cpu_pretrain writes, in the official layout
         assert cfg["arch"] == "ckpt/pretrain/backbone.pth" and cfg["train_blocks"] == 0
-        assert [p.split(":")[0] for p in train.config_problems(cfg)] == ["arch"]  # not written yet
+        assert [p.split(":")[0] for p in config.config_problems(cfg)] == ["arch"]  # not written yet
         os.makedirs("ckpt/pretrain")
         torch.save(model.official_backbone_state(model.load_vit("scratch_vit_tiny14", cfg["img_size"])), cfg["arch"])
-    assert train.config_problems(cfg) == []
+    assert config.config_problems(cfg) == []
     verifier = model.build_verifier(cfg["arch"], cfg["img_size"], 5, cfg["deep_prompts"], cfg["train_blocks"],
-                                    cfg["method"], cfg["margin"], cfg["scale"], cfg["trait_prompts"])
+                                    **{k: cfg[k] for k in ("method", "margin", "scale", "trait_prompts")})
     assert verifier.method == ("arcface" if "cpu_pretrain" in layers else "traits")
     assert any(p.requires_grad for p in verifier.vit.parameters()) == ("cpu_frozen" not in layers)
     with torch.no_grad():

@@ -9,6 +9,7 @@ from datetime import timedelta
 import pytest
 import torch
 
+import devices
 import train
 from conftest import ROOT, tiny_config
 from test_model import trained_like
@@ -55,12 +56,13 @@ HOST_READS = {torch.Tensor: ("item", "tolist", "numpy", "cpu", "__bool__", "__fl
 
 
 def test_a_training_step_reads_nothing_back_to_the_host(tmp_path, synth_dir, monkeypatch):
-    """Anything of ours that the step calls (train.py, data.py, model.py, evaluate.py) neither reads a tensor back nor
-    copies host data to the device; torch's own optimiser is fused on a GPU and reads nothing back there."""
+    """Anything of ours that the step calls (train.py, data.py, model.py, evaluate.py, devices.py) neither reads a
+    tensor back nor copies host data to the device; torch's own optimiser is fused on a GPU and reads nothing back
+    there."""
     run = start_tiny_run(tmp_path, synth_dir, epochs=1)
     batches = run.batches.epoch(0)
     train.train_step(run, batches[0])  # the first step makes what is made once (the normalisation constants)
-    ours = {os.path.join(ROOT, f) for f in ("train.py", "data.py", "model.py", "evaluate.py")}
+    ours = {os.path.join(ROOT, f) for f in ("train.py", "data.py", "model.py", "evaluate.py", "devices.py")}
     calls = []
     for owner, names in HOST_READS.items():
         for name in names:
@@ -111,23 +113,23 @@ def test_compile_auto_is_on_only_where_its_speed_up_was_measured(capability, exp
     def time_step():
         timed.append(1)
         return 1.0  # a long step: compiling pays wherever it is considered
-    assert train.resolve_compile({"compile": "auto"}, device, time_step, 3600, lines.append) == expected
+    assert devices.resolve_compile({"compile": "auto"}, device, time_step, 3600, lines.append) == expected
     assert bool(timed) == expected  # below sm_80 not even an uncompiled step is timed
     assert ("no measurement shows it pays" in lines[0]) != expected
-    assert train.resolve_compile({"compile": "true"}, device, time_step, 1, lines.append)  # the config decides
-    assert not train.resolve_compile({"compile": "false"}, device, time_step, 10 ** 6, lines.append)
+    assert devices.resolve_compile({"compile": "true"}, device, time_step, 1, lines.append)  # the config decides
+    assert not devices.resolve_compile({"compile": "false"}, device, time_step, 10 ** 6, lines.append)
 
 
 def test_a_torch_without_kernels_for_the_gpu_stops_naming_a_build_that_has_them(monkeypatch):
     device = fake_gpu(monkeypatch, (6, 0))  # a P100 under a build from sm_75 up
     with pytest.raises(SystemExit) as stop:
-        train.check_gpu_support(device)
+        devices.check_gpu_support(device)
     assert "is sm_60" in str(stop.value) and "https://download.pytorch.org/whl/cu126" in str(stop.value)
-    train.check_gpu_support(fake_gpu(monkeypatch, (6, 0), ("sm_50", "sm_60", "sm_70", "sm_75")))  # cu126's list
-    train.check_gpu_support(fake_gpu(monkeypatch, (6, 1), ("sm_60", "sm_70")))  # a P40 runs sm_60 code
-    train.check_gpu_support(fake_gpu(monkeypatch, (9, 0), ("sm_80", "compute_80")))  # PTX compiles for newer GPUs
+    devices.check_gpu_support(fake_gpu(monkeypatch, (6, 0), ("sm_50", "sm_60", "sm_70", "sm_75")))  # cu126's list
+    devices.check_gpu_support(fake_gpu(monkeypatch, (6, 1), ("sm_60", "sm_70")))  # a P40 runs sm_60 code
+    devices.check_gpu_support(fake_gpu(monkeypatch, (9, 0), ("sm_80", "compute_80")))  # PTX compiles for newer GPUs
     with pytest.raises(SystemExit):
-        train.check_gpu_support(fake_gpu(monkeypatch, (7, 0), ("sm_75", "sm_80", "compute_80")))
+        devices.check_gpu_support(fake_gpu(monkeypatch, (7, 0), ("sm_75", "sm_80", "compute_80")))
 
 
 def test_the_processes_wait_an_hour_for_rank_0s_work(monkeypatch):

@@ -7,7 +7,10 @@ import torch
 import torch.nn.functional as F
 
 import model
+from config import DEFAULTS
 from conftest import FIXTURES, TINY_ARCH
+
+TRAINING_DEFAULTS = {k: DEFAULTS[k] for k in ("method", "margin", "scale", "trait_prompts")}
 
 VIT = os.path.join(FIXTURES, "vit")
 
@@ -135,10 +138,10 @@ def test_scratch_backbone_is_fixed_and_trains_whole():
     assert conv.grid == 6 and conv.cfg.conv_stem and conv.fingerprint != model.load_vit("scratch_vit_tiny14", 84).fingerprint
     stem = conv.patch_embed.stem[0].weight  # He-normal: std sqrt(2 / fan_in), fan_in 3 x 3 x 3
     assert stem.std().item() == pytest.approx(math.sqrt(2 / 27), rel=0.2)
-    m = model.build_verifier("scratch_vit_tiny14", 112, 3, 2, train_blocks=3)
+    m = model.build_verifier("scratch_vit_tiny14", 112, 3, 2, train_blocks=3, **TRAINING_DEFAULTS)
     assert all(p.requires_grad for p in m.parameters())
     with pytest.raises(ValueError, match="no pre-trained weights, so it trains whole: set train_blocks to its depth 3"):
-        model.build_verifier("scratch_vit_tiny14", 112, 3, 2, train_blocks=1)
+        model.build_verifier("scratch_vit_tiny14", 112, 3, 2, train_blocks=1, **TRAINING_DEFAULTS)
 
 
 def test_bad_backbone_inputs(tmp_path):
@@ -168,7 +171,7 @@ def trained_like(method):
     """A tiny verifier whose trainable weights are moved, so that no path hides behind initial values."""
     torch.manual_seed(0)
     m = model.build_verifier(TINY_ARCH, 56, num_classes=5, deep_prompts=2, train_blocks=1, method=method,
-                             trait_prompts=4).eval()
+                             trait_prompts=4, margin=0.3, scale=30.0).eval()
     with torch.no_grad():
         for p in m.parameters():
             if p.requires_grad:
@@ -239,7 +242,7 @@ def test_trait_prompts_tile_the_face_each_reading_its_own_cell_only():
     # with a pre-trained backbone's keys (the fixture ViT) and trained prompts: nothing outside a prompt's cell
     torch.manual_seed(0)
     m = model.build_verifier(TINY_ARCH, 56, num_classes=5, deep_prompts=2, train_blocks=0, method="traits",
-                             trait_prompts=4).eval()
+                             trait_prompts=4, margin=0.3, scale=30.0).eval()
     with torch.no_grad():
         m.trait_prompts.normal_(0, 1)
         _, attn = m.read(*m.keys_and_tokens(torch.randn(2, 3, 56, 56)))
@@ -247,13 +250,13 @@ def test_trait_prompts_tile_the_face_each_reading_its_own_cell_only():
     assert (attn[..., outside] == 0).all() and (attn[..., ~outside] > 0).all()
     with pytest.raises(ValueError, match="trait_prompts=5 must be a square number"):
         model.build_verifier(TINY_ARCH, 56, num_classes=5, deep_prompts=2, train_blocks=0, method="traits",
-                             trait_prompts=5)
+                             trait_prompts=5, margin=0.3, scale=30.0)
 
 
 def test_trait_prompt_embedding_is_each_patch_gated_by_its_prompts_attention_and_split_exactly():
     torch.manual_seed(0)
     m = model.build_verifier(TINY_ARCH, 56, num_classes=5, deep_prompts=2, train_blocks=0, method="traits",
-                             trait_prompts=4).eval()
+                             trait_prompts=4, margin=0.3, scale=30.0).eval()
     with torch.no_grad():
         for p in m.parameters():
             if p.requires_grad:
@@ -303,7 +306,7 @@ def test_embeddings_stay_fp32_under_mixed_precision(method):
     embedding summed in bf16 gave a trained model's 19,334 test pairs 334 distinct scores."""
     torch.manual_seed(0)
     m = model.build_verifier(TINY_ARCH, 56, num_classes=5, deep_prompts=2, train_blocks=0, method=method,
-                             trait_prompts=4).eval()
+                             trait_prompts=4, margin=0.3, scale=30.0).eval()
     x = torch.randn(8, 3, 56, 56) * 0.03 + torch.randn(1, 3, 56, 56)  # similar faces: cosines near 1
     a, b = torch.triu_indices(8, 8, 1)
     with torch.no_grad():

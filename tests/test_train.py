@@ -14,6 +14,10 @@ import torch
 
 from conftest import (METHOD_RUNS, ONE_THREAD, ROOT, TINY_ARCH, free_port, on_a_full_disk, run_py, tiny_config,
                       torchrun, torchrun_line)
+import bench
+import checkpoints
+import config
+import devices
 from errors import UserError
 
 
@@ -33,11 +37,22 @@ def test_config_errors_come_before_any_work(tmp_path, synth_dir, capsys):
              (["--cfg", cfg, "--benchmark", "0"], "--benchmark 0: time at least one step")]
     (tmp_path / "typo.yaml").write_text("epochz: 3\n")
     cases.append((["--cfg", str(tmp_path / "typo.yaml")], "typo.yaml: unknown config key 'epochz'"))
+    (tmp_path / "old.yaml").write_text("full: true\n")
+    cases.append((["--cfg", str(tmp_path / "old.yaml")], "old.yaml: config key 'full' is retired; write val_families: 0"))
     for args, message in cases:
         status = run_cli(train.main, args)
         err = capsys.readouterr().err
         assert status == 1 and message in err and len(err.splitlines()) == 1, (args, err[-500:])
     assert not os.path.exists(tmp_path / "run") and not os.path.exists(tmp_path / "cache")
+
+
+def test_a_checkpoints_config_is_completed_and_its_retired_keys_read_as_today():
+    """A config saved by an older version: a key added since takes its default, `method` excepted (promptcam trained
+    before it existed), and `full: true` held out no family, which `val_families: 0` says today."""
+    old = config.trained_config({"full": True, "val_families": 12, "epochs": 5})
+    assert old["val_families"] == 0 and old["epochs"] == 5 and old["method"] == "promptcam" and "full" not in old
+    assert config.trained_config({"full": False, "val_families": 12})["val_families"] == 12
+    assert set(config.trained_config({})) == set(config.DEFAULTS)
 
 
 DATA_FILES = {"train_info": "train_dataset_infor.json", "train_pairs": "train_twin_pairs.json",
@@ -48,7 +63,7 @@ DATA_FILES = {"train_info": "train_dataset_infor.json", "train_pairs": "train_tw
                                           ("2080ti_x2", "/data")])
 def test_every_gpu_config_names_the_data_sets_own_files(name, folder):
     import train
-    cfg = train.load_config([os.path.join(ROOT, "configs", f"{name}.yaml")], {})
+    cfg = config.load_config([os.path.join(ROOT, "configs", f"{name}.yaml")], {})
     assert {k: cfg[k] for k in DATA_FILES} == {k: f"{folder}/{f}" for k, f in DATA_FILES.items()}
     old, new = cfg["path_remap"].split("=")
     assert old == "/kaggle/input/nd-twin/ND_TWIN_Dataset_224/ND_TWIN_Dataset_224"
@@ -108,11 +123,13 @@ def test_resume_with_another_config_is_refused(trained_run):
 
 @pytest.mark.xdist_group("promptcam")
 def test_a_checkpoint_from_before_the_method_key_resumes_as_promptcam(promptcam_run, tmp_path):
-    """Runs saved before `method` existed were promptcam runs; the default is traits."""
+    """Runs saved before `method` existed were promptcam runs; the default is traits. Their configs held `full`,
+    retired since for `val_families: 0`."""
     tmp, cfg = promptcam_run
     ckpt = torch.load(f"{tmp}/run/last.pt", weights_only=True)
     for key in ("method", "margin", "scale", "trait_prompts"):
-        del ckpt["config"][key]
+        del ckpt["config"][key], ckpt["model_args"][key]
+    ckpt["config"]["full"] = False
     del ckpt["checksum"]  # nor did checksums
     old = tmp_path / "old"
     old.mkdir()
@@ -130,7 +147,7 @@ def test_a_failed_save_leaves_the_previous_checkpoint_intact(trained_run):
     tmp, _ = trained_run
     last = f"{tmp}/run/last.pt"
     before = open(last, "rb").read()
-    proc = on_a_full_disk(f"import torch, data; data.save_atomically({{'x': torch.zeros(100000)}}, {last!r})", 4096)
+    proc = on_a_full_disk(f"import torch, checkpoints; checkpoints.save_atomically({{'x': torch.zeros(100000)}}, {last!r})", 4096)
     assert proc.returncode != 0 and f"could not save {last}" in proc.stderr
     assert "the previous last.pt is intact" in proc.stderr
     assert open(last, "rb").read() == before and not glob.glob(f"{tmp}/run/*.tmp")
@@ -214,13 +231,13 @@ def test_bench_ddp_times_one_process_two_independent_ones_and_ddp(tmp_path, synt
 
 
 def count_benchmark_steps(rank, port, batch_sizes, out_dir):
-    """One gloo rank of train.time_steps with a step that records batch sizes (run by mp.spawn)."""
+    """One gloo rank of bench.time_steps with a step that records batch sizes (run by mp.spawn)."""
     import torch.distributed as dist
     import train
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     sizes = []
     procs = train.Processes(rank, 2, torch.device("cpu"), "fp32")
-    train.time_steps(lambda idx, timer=None: sizes.append(len(idx)),
+    bench.time_steps(lambda idx, timer=None: sizes.append(len(idx)),
                      [torch.zeros(n, dtype=torch.long) for n in batch_sizes[rank]], procs, warmup=2, steps=3)
     torch.save(sizes, os.path.join(out_dir, f"{rank}.pt"))
     dist.destroy_process_group()
@@ -425,9 +442,9 @@ def test_arcface_method_trains_evaluates_writes_its_backbone_and_keeps_its_metho
     tmp, cfg, _ = train_once(**METHOD_RUNS["arcface"])
     run = f"{tmp}/run"
     assert {"best.pt", "last.pt", "backbone.pth"} <= set(os.listdir(run))
-    ckpt = model.read_training_checkpoint(f"{run}/best.pt")
+    ckpt = checkpoints.read_training_checkpoint(f"{run}/best.pt")
     assert ckpt["model_args"]["method"] == "arcface"
-    trained = model.verifier_from_checkpoint(ckpt, "best.pt").eval()
+    trained = checkpoints.verifier_from_checkpoint(ckpt, "best.pt").eval()
     backbone = model.load_vit(f"{run}/backbone.pth", 56).eval()  # strictly, as `arch: backbone.pth`
     x = torch.randn(2, 3, 56, 56)
     with torch.no_grad():
@@ -435,7 +452,7 @@ def test_arcface_method_trains_evaluates_writes_its_backbone_and_keeps_its_metho
         assert not torch.allclose(backbone(x), model.load_vit(TINY_ARCH, 56).eval()(x), atol=1e-3)  # it trained
     ckpt["backbone_fingerprint"] = "of other weights"  # as when the `arch` file is replaced after training
     with pytest.raises(UserError, match="best.pt: was trained on other backbone weights than .* holds now"):
-        model.verifier_from_checkpoint(ckpt, "best.pt")
+        checkpoints.verifier_from_checkpoint(ckpt, "best.pt")
 
     run_py(["evaluate.py", "--ckpt", f"{run}/best.pt", "--out", str(tmp_path / "eval")])
     metrics = json.load(open(tmp_path / "eval" / "metrics.json"))
@@ -459,12 +476,12 @@ def test_eta_counts_the_steady_epochs_not_a_slow_first_one():
 def test_compile_pays_only_when_the_run_is_long_enough():
     import train
     # ViT-B/14 at 336 px on a T4: ~0.6 s per step, 30 epochs of ~120 steps: compile
-    assert train.compile_pays(0.6, 30 * 120)
+    assert devices.compile_pays(0.6, 30 * 120)
     # the demo config on an H100: ~15 ms per step, 30 epochs of 188 steps, 85 s in all: not worth 180 s
-    assert not train.compile_pays(0.015, 30 * 188)
+    assert not devices.compile_pays(0.015, 30 * 188)
     # the break-even point: saved time equals the compile time
-    steps = train.COMPILE_SECONDS / (1 - 1 / train.COMPILE_SPEEDUP)
-    assert train.compile_pays(1.0, steps + 1) and not train.compile_pays(1.0, steps - 1)
+    steps = devices.COMPILE_SECONDS / (1 - 1 / devices.COMPILE_SPEEDUP)
+    assert devices.compile_pays(1.0, steps + 1) and not devices.compile_pays(1.0, steps - 1)
 
 
 def test_tracker_flag_on_an_untracked_run_is_refused(trained_run):
@@ -513,7 +530,7 @@ def test_a_mixed_precision_step_resumes_with_its_gradient_scaler(precision, tmp_
         assert math.isfinite(float(train.train_step(run, batch)))
     assert any(not torch.equal(before[k], v) for k, v in run.raw.trainable_state().items())
     run.tracker = Tracker()
-    train.save_checkpoints(run, epoch=0)
+    train.save_checkpoints(run, 0, {})
     saved = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["scaler"]
     if precision == "fp16":
         assert saved["scale"] == run.scaler.get_scale() and math.log2(saved["scale"]).is_integer()

@@ -176,7 +176,7 @@ def test_data_problems_are_one_message_from_every_entry_point(tmp_path):
     assert f"{tmp_path}/pairs.json: no twin pairs in it" in proc.stderr
     one_line_exit(["bench.py", "data", "--data", str(tmp_path / "nowhere")], "info file not found")
     (tmp_path / "blocked").write_text("")
-    one_line_exit(["data.py", "synth", "--out", str(tmp_path / "blocked" / "synth")],
+    one_line_exit(["synth.py", "--out", str(tmp_path / "blocked" / "synth")],
                   f"--out: {tmp_path}/blocked/synth cannot be a folder: {tmp_path}/blocked is a file")
 
 
