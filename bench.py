@@ -107,9 +107,13 @@ def preflight(run, train_step, budget, steps=3):
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "this CPU"
     procs.log(f"check: {n_train:,} trainable parameters; on {name}: {1000 * seconds / steps:.0f} ms a step, "
               f"{images * procs.world / seconds:.1f} images/s, validation {val_seconds:.2f} s")
-    procs.log(f"check: the whole run ({cfg['epochs'] - run.first_epoch} epochs of {len(run.batches)} steps) takes "
-              f"about {format_seconds(wall)} here" + (f", {math.ceil(wall / budget)} session(s) of the time budget "
-                                                       f"{format_seconds(budget)}" if budget else ""))
+    if cfg["folds"]:  # K folds of (K - 1) / K of the families each, then the final run on all of them
+        wall *= cfg["folds"]
+    what = (f"the cross-validation ({cfg['folds']} folds and the final run, up to {cfg['epochs']} epochs each)"
+            if cfg["folds"] else
+            f"the whole run ({cfg['epochs'] - run.first_epoch} epochs of {len(run.batches)} steps)")
+    procs.log(f"check: {what} takes about {format_seconds(wall)} here" + (
+        f", {math.ceil(wall / budget)} session(s) of the time budget {format_seconds(budget)}" if budget else ""))
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         procs.log(f"check: peak {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB allocated, "
@@ -323,7 +327,7 @@ def nd_twin_training_images(cfg):
     """How many of ND TWIN's 6,182 training images train, and so sit in the GPU's cache: the real split's shape
     (tests/fixtures/nd_twin_split_structure.json) with the config's validation families held out as train.py does."""
     split = data.split_of(*synth.synth_structure("real", synth.REAL_STRUCTURE)["train"])
-    train_split, _ = data.hold_out_families(split, cfg["val_families"], cfg["seed"])
+    train_split, _ = data.validation_split(split, cfg)
     return len(train_split.paths)
 
 

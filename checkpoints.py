@@ -218,13 +218,29 @@ def resume_from(arg, cfg_paths, overrides, log):
             return None, cfg
     else:
         resume = named_checkpoint(arg, log)
-    trained = resume.ckpt["config"]
-    cfg = load_config(cfg_paths, overrides, base=trained)
-    changed = config_changes(cfg, trained, DEFAULTS)
+    cfg = load_config(cfg_paths, overrides, base=resume.ckpt["config"])
+    refuse_another_config(resume, cfg)
+    return resume, cfg
+
+
+def refuse_another_config(resume, cfg):
+    """A checkpoint continues only with the config it trained with, RESUMABLE keys aside."""
+    changed = config_changes(cfg, resume.ckpt["config"], DEFAULTS)
     if changed:
         raise UserError(f"{resume.path} was trained with another config; resume with the same one or start a new "
                         f"out_dir:\n  " + "\n  ".join(changed))
-    return resume, cfg
+
+
+def resume_in(cfg, resuming, log):
+    """The checkpoint a run of a cross-validation continues from, in its own out_dir: None where it has not started;
+    where it has, its last.pt (with the same config) when resuming, else a refusal to overwrite it."""
+    if not any(os.path.exists(os.path.join(cfg["out_dir"], name)) for name in CHECKPOINTS):
+        return None
+    if not resuming:
+        refuse_to_overwrite(cfg["out_dir"])
+    resume = named_checkpoint(cfg["out_dir"], log)
+    refuse_another_config(resume, cfg)
+    return resume
 
 
 def hold_out_dir(out_dir):

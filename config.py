@@ -25,6 +25,9 @@ DEFAULTS = {
     "epochs": 30, "batch_size": 64, "images_per_person": 4, "lr": 2e-3, "weight_decay": 0.05,
     "warmup_epochs": 1, "loss_class": 1.0, "loss_episodic": 1.0, "loss_pull": 0.1, "hflip": False,
     "val_families": 12, "seed": 0, "precision": "auto", "compile": "auto",
+    # folds K >= 2: cross-validation over the twin families instead of the val_families hold-out, then a final run on
+    # every family (see README); fold: which of those runs this is (0..K-1 a fold, K the final run; set by --folds)
+    "folds": 0, "fold": -1,
     # output and tracking; resume_dirs: where `--resume auto` also looks (os.pathsep between folders)
     "out_dir": "ckpt", "resume_dirs": "", "tracker": "none", "run_name": "", "mlflow_uri": "",
     "mlflow_experiment": "", "wandb_project": "twin-verification", "wandb_entity": "",
@@ -148,6 +151,8 @@ def config_problems(cfg):
               ("deep_prompts", cfg["deep_prompts"] >= 0, "must be at least 0"),
               ("train_blocks", cfg["train_blocks"] >= 0, "must be at least 0"),
               ("val_families", cfg["val_families"] >= 0, "must be at least 0"),
+              ("folds", cfg["folds"] == 0 or cfg["folds"] >= 2, "must be 0 (no cross-validation) or at least 2"),
+              ("fold", -1 <= cfg["fold"] <= cfg["folds"], "is set by --folds: 0..folds-1 a fold, folds the final run"),
               ("seed", cfg["seed"] >= 0, "must be at least 0"),
               ("log_images_every", cfg["log_images_every"] >= 0, "must be at least 0 (0: never)"),
               ("path_remap", not cfg["path_remap"] or "=" in cfg["path_remap"], "must read OLD=NEW"),

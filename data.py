@@ -83,6 +83,14 @@ def read_json(path, what):
         raise DataError([f"{path}: {what} file is not valid JSON ({e})"]) from None
 
 
+def write_json(obj, path):
+    """A JSON file written whole or not at all: a temporary beside it, then a rename."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
 def unique_keys(pairs, path, what):
     seen = set()
     for key, _ in pairs:
@@ -212,6 +220,34 @@ def hold_out_families(split, n_val, seed):
     val = sorted(random.Random(seed).sample(twin_families, n_val))
     train = [i for i in range(len(split.families)) if i not in set(val)]
     return split.subset(train), split.subset(val)
+
+
+def fold_families(split, folds, seed):
+    """Every family's fold, 0..folds-1, whole families only: twin families and people with no listed twin are each
+    shuffled (seeded) and dealt in turn, so every fold validates on twins and the folds differ by one family at most."""
+    fold_of, rng = [0] * len(split.families), random.Random(seed)
+    for group in ([i for i, f in enumerate(split.families) if len(f) > 1],
+                  [i for i, f in enumerate(split.families) if len(f) == 1]):
+        rng.shuffle(group)
+        for turn, family in enumerate(group):
+            fold_of[family] = turn % folds
+    return fold_of
+
+
+def validation_split(split, cfg):
+    """(train, validation) of a run: fold `fold` of `folds` held out, every family for a cross-validation's final
+    run (fold == folds), or else `val_families` families held out (None: no validation)."""
+    if not cfg["folds"]:
+        return hold_out_families(split, cfg["val_families"], cfg["seed"])
+    if cfg["fold"] in (-1, cfg["folds"]):  # -1: the whole cross-validation, whose largest run is the final one
+        return split, None
+    n_twins = sum(len(f) > 1 for f in split.families)
+    if n_twins < cfg["folds"]:
+        raise UserError(f"folds {cfg['folds']}: {n_twins} twin families to deal, and every fold validates on twins; "
+                        f"use fewer folds")
+    fold_of = fold_families(split, cfg["folds"], cfg["seed"])
+    return (split.subset([i for i, f in enumerate(fold_of) if f != cfg["fold"]]),
+            split.subset([i for i, f in enumerate(fold_of) if f == cfg["fold"]]))
 
 
 # ---------------------------------------------------------------- decoding and the cache

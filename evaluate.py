@@ -105,27 +105,43 @@ def metrics(scores, genuine, threshold, weights=None, fars=FARS[:3], order=None)
     return out
 
 
-def bootstrap(scores, genuine, fam_a, fam_b, n_families, threshold, fars, n_boot=1000, seed=0):
-    """95% intervals from resampling twin families with replacement: a pair weighs as often as
-    its family (or, for a cross-family pair, both of its families) was drawn."""
+def family_resamples(genuine, fam_a, fam_b, n_families, n_boot=1000, seed=0):
+    """Pair weights of n_boot resamplings of the twin families with replacement: a pair weighs as often as its family
+    (or, for a cross-family pair, both of its families) was drawn; draws with no genuine or no impostor pair skipped."""
     rng = np.random.default_rng(seed)
     same = fam_a == fam_b
-    order = np.argsort(-scores, kind="stable")
-    samples = []
     for _ in range(n_boot):
         drawn = np.bincount(rng.integers(0, n_families, n_families), minlength=n_families).astype(np.float64)
         w = np.where(same, drawn[fam_a], drawn[fam_a] * drawn[fam_b])
-        if w[genuine].sum() == 0 or w[~genuine].sum() == 0:
-            continue
-        samples.append(metrics(scores, genuine, threshold, w, fars, order))
+        if w[genuine].sum() and w[~genuine].sum():
+            yield w
 
-    def interval(values):
-        values = [v for v in values if v is not None]
-        return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))] if values else None
 
+def interval(values):
+    """The 95% percentile interval of bootstrap values (None where none was defined)."""
+    values = [v for v in values if v is not None]
+    return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))] if values else None
+
+
+def bootstrap(scores, genuine, fam_a, fam_b, n_families, threshold, fars, n_boot=1000, seed=0):
+    """95% intervals of the metrics over family_resamples."""
+    order = np.argsort(-scores, kind="stable")
+    samples = [metrics(scores, genuine, threshold, w, fars, order)
+               for w in family_resamples(genuine, fam_a, fam_b, n_families, n_boot, seed)]
     out = {k: interval([s[k] for s in samples]) for k in ("auc", "eer", "accuracy") if k in samples[0]}
     out["tar_at_far"] = {f: interval([s["tar_at_far"][f] for s in samples]) for f in samples[0]["tar_at_far"]}
     return out
+
+
+def eer_and_threshold(scores, genuine, fam_a, fam_b, n_families, n_boot=1000):
+    """The EER and its threshold, each with its 95% interval over family_resamples: what a cross-validation's pooled
+    out-of-fold scores give the final run."""
+    order = np.argsort(-scores, kind="stable")
+    far, tar, thr = roc(scores, genuine, order=order)
+    samples = [roc(scores, genuine, w, order) for w in family_resamples(genuine, fam_a, fam_b, n_families, n_boot)]
+    return {"eer": eer(far, tar), "eer_interval": interval([eer(f, t) for f, t, _ in samples]),
+            "threshold": eer_threshold(far, tar, thr),
+            "threshold_interval": interval([eer_threshold(*s) for s in samples])}
 
 
 def report(scores, kind, fam_a, fam_b, n_families, threshold, n_boot=1000):
@@ -183,7 +199,7 @@ def cls_scores(vit, images, a, b, device, batch_size=64):
 def cls_threshold(vit, cfg, remap, device):
     """The CLS baseline's threshold: its EER on the validation families the model used (None after val_families: 0)."""
     train = data.load_split(cfg["train_info"], cfg["train_pairs"], remap)
-    _, val = data.hold_out_families(train, cfg["val_families"], cfg["seed"])
+    _, val = data.validation_split(train, cfg)
     if val is None:
         return None
     a, b, kind, _, _ = protocol_pairs(val)
@@ -298,7 +314,9 @@ def main(argv=None):
         model = verifier_from_checkpoint(ckpt, args.ckpt, cfg["weights_dir"] or None).to(device)
         scores, t_enc, t_score = verifier_scores(model, images, a, b, device, default_precision(device))
         if threshold is None:
-            threshold, source = ckpt.get("threshold"), "the validation EER's, saved in the checkpoint"
+            threshold, source = ckpt.get("threshold"), ("the out-of-fold EER's of its cross-validation, saved in the "
+                                                         "checkpoint" if ckpt["config"]["folds"] else
+                                                         "the validation EER's, saved in the checkpoint")
         title = f"{model.method} verifier, epoch {ckpt['epoch'] + 1}"
     if threshold is None:
         source = "no validation (val_families: 0)"
@@ -317,7 +335,7 @@ def main(argv=None):
         tracker.finish()
     counts = ", ".join(f"{(kind == k).sum()} {KINDS[k]}" for k in range(3) if (kind == k).any())
     tars = ", ".join(f"TAR@{f}={'n/a' if v is None else f'{v:.3f}'}" for f, v in result["tar_at_far"].items())
-    acc = (f"n/a ({source}: give --threshold)" if threshold is None else
+    acc = (f"n/a ({source}: give --threshold, or train with --folds K for an out-of-fold one)" if threshold is None else
            f"{result['accuracy']:.4f} at threshold {threshold:.4f} ({source})")
     print(f"{title}: {len(images)} images, {counts} pairs\n"
           f"AUC {result['auc']:.4f} {result['intervals']['auc']}  EER {result['eer']:.4f} "

@@ -16,6 +16,7 @@ class Tracker:
     """No tracking; the interface every tracker has."""
     kind = "none"
     run_id = None
+    group = None  # a cross-validation's folder: W&B groups its runs by it, MLflow keeps its local store there
 
     def log_params(self, params):
         pass
@@ -33,15 +34,16 @@ class Tracker:
 class MLflowTracker(Tracker):
     kind = "mlflow"
 
-    def __init__(self, cfg, run_id):
+    def __init__(self, cfg, run_id, parent_run_id=None, group=None):
         os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
         # fail in seconds, not minutes, when the server is down (the user's environment wins)
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
         from mlflow.tracking import MlflowClient
         uri = cfg["mlflow_uri"] or os.environ.get("MLFLOW_TRACKING_URI")
-        # with no server named, the store and the figures stay in out_dir (MLflow would put figures in ./mlruns)
-        out_dir = os.path.abspath(cfg["out_dir"])
+        # with no server named, the store and the figures stay in out_dir (MLflow would put figures in ./mlruns); a
+        # cross-validation's runs share the store of its folder (the group)
+        out_dir = os.path.abspath(group or cfg["out_dir"])
         artifacts = None if uri else pathlib.Path(out_dir, "mlartifacts").as_uri()
         uri = uri or "sqlite:///" + os.path.join(out_dir, "mlflow.db")
         self.client = MlflowClient(tracking_uri=uri)
@@ -52,8 +54,9 @@ class MLflowTracker(Tracker):
             experiment = self.client.get_experiment_by_name(name)
             experiment_id = (experiment.experiment_id if experiment else
                              self.client.create_experiment(name, artifact_location=artifacts))
-            self.run_id = self.client.create_run(experiment_id, run_name=cfg["run_name"] or None).info.run_id
-        self.uri = uri
+            tags = {"mlflow.parentRunId": parent_run_id} if parent_run_id else None  # a fold under its cross-validation
+            self.run_id = self.client.create_run(experiment_id, run_name=cfg["run_name"] or None, tags=tags).info.run_id
+        self.uri, self.group = uri, group
 
     def log_params(self, params):
         from mlflow.entities import Param
@@ -86,7 +89,7 @@ def kaggle_secret(name):
 class WandbTracker(Tracker):
     kind = "wandb"
 
-    def __init__(self, cfg, run_id):
+    def __init__(self, cfg, run_id, parent_run_id=None, group=None):
         import wandb
         offline = os.environ.get("WANDB_MODE", "").lower() in ("offline", "dryrun", "disabled")
         if not offline and not os.environ.get("WANDB_API_KEY"):
@@ -97,7 +100,9 @@ class WandbTracker(Tracker):
             os.environ["WANDB_API_KEY"] = key  # this process only; never written to disk
         # id None starts a new run; its id goes into the checkpoint and is resumed from there
         self.run = wandb.init(project=cfg["wandb_project"], entity=cfg["wandb_entity"] or None,
-                              name=cfg["run_name"] or None, id=run_id, resume="allow", dir=cfg["out_dir"], config=cfg)
+                              name=cfg["run_name"] or None, id=run_id, resume="allow", dir=cfg["out_dir"], config=cfg,
+                              group=group, reinit="create_new")  # beside a cross-validation's parent run
+        self.group = group
         self.run.define_metric("epoch")
         self.run.define_metric("*", step_metric="epoch")
         self.run_id = self.run.id
@@ -117,7 +122,7 @@ class Guarded(Tracker):
     """Forwards to a tracker; on its first failure warns once and stops tracking."""
 
     def __init__(self, tracker):
-        self.tracker, self.kind, self.run_id = tracker, tracker.kind, tracker.run_id
+        self.tracker, self.kind, self.run_id, self.group = tracker, tracker.kind, tracker.run_id, tracker.group
 
     def _call(self, name, *args):
         if self.tracker is None:
@@ -148,13 +153,14 @@ def tracker_of_checkpoint(ckpt, path):
     return make_tracker(ckpt["config"], ckpt["tracker_run_id"])
 
 
-def make_tracker(cfg, run_id=None, rank=0):
-    """The tracker cfg['tracker'] names, resuming run_id; a plain Tracker on other ranks or on failure."""
+def make_tracker(cfg, run_id=None, rank=0, parent=None, group=None):
+    """The tracker cfg['tracker'] names, resuming run_id; a plain Tracker on other ranks or on failure. A run of a
+    cross-validation is tracked under its parent: an MLflow child run, or a W&B run in the parent's group."""
     kinds = {"none": Tracker, "mlflow": MLflowTracker, "wandb": WandbTracker}
     if rank != 0 or cfg["tracker"] == "none":
         return Tracker()
     try:
-        return Guarded(kinds[cfg["tracker"]](cfg, run_id))
+        return Guarded(kinds[cfg["tracker"]](cfg, run_id, parent and parent.run_id, group or (parent and parent.group)))
     except Exception as e:
         warnings.warn(f"{cfg['tracker']} tracking unavailable ({type(e).__name__}: {e}); training goes on untracked")
         return Tracker()

@@ -26,6 +26,7 @@ import bench
 import cam
 import data
 import evaluate
+import folds
 from checkpoints import hold_out_dir, refuse_to_overwrite, resume_from, save_atomically, save_training_state
 from config import DEFAULTS, MODEL_KEYS, config_problems, load_config, parse_duration, parse_overrides
 from devices import autocast, check_gpu_support, default_precision, peak_memory_gb, resolve_compile
@@ -53,11 +54,12 @@ def configure(argv):
     args, rest = ap.parse_known_args(argv)
     if args.benchmark is not None and args.benchmark < 1:
         raise UserError(f"--benchmark {args.benchmark}: time at least one step")
-    args.budget = parse_duration(args.time_budget) if args.time_budget else None
+    args.budget, args.started = parse_duration(args.time_budget) if args.time_budget else None, time.perf_counter()
     overrides = parse_overrides(rest)
     log = print if os.environ.get("RANK", "0") == "0" else (lambda *a, **k: None)
-    resume, cfg = resume_from(args.resume, args.cfg, overrides, log) if args.resume else \
-        (None, load_config(args.cfg, overrides))
+    resume, cfg = None, load_config(args.cfg, overrides)
+    if args.resume and not folds.cross_validation(cfg):  # a cross-validation finds each of its runs' checkpoints itself
+        resume, cfg = resume_from(args.resume, args.cfg, overrides, log)
     problems = config_problems(cfg) + [p for key in ("out_dir", "cache_dir")
                                        for p in [data.unwritable(cfg[key], key)] if p]
     refuse(problems, "config")
@@ -135,7 +137,7 @@ def load_train_set(cfg, procs, resume):
         leaks = data.shared_with_training(cfg["test_info"], split.ids, split.paths, cfg["path_remap"])
         if leaks:
             raise data.DataError(leaks, f"test split in {cfg['test_info']}")
-    train_split, val_split = data.hold_out_families(split, cfg["val_families"], cfg["seed"])
+    train_split, val_split = data.validation_split(split, cfg)
     if resume and resume.ckpt["class_ids"] != train_split.ids:
         raise UserError(f"{resume.path}: the training identities in {cfg['train_info']} differ from the checkpoint's")
     all_images = rank0_first(lambda: data.build_cache(split.paths, cfg["img_size"], cfg["cache_dir"], procs.master),
@@ -194,7 +196,7 @@ class Run:
     best_epoch: int = None
     threshold: float = None
     tracker_run_id: str = None
-    started: float = field(default_factory=time.perf_counter)
+    val_scores: list = field(default_factory=list)  # each epoch's validation scores: a cross-validation pools them
     epoch_times: list = field(default_factory=list)  # seconds of each epoch saved in this session
     compiled: bool = False
 
@@ -253,7 +255,7 @@ def restore(run, resume):
         run.scaler.load_state_dict(ckpt["scaler"])
     run.first_epoch, run.step = ckpt["epoch"] + 1, ckpt["step"]
     run.best_eer, run.threshold, run.tracker_run_id = ckpt["best_eer"], ckpt["threshold"], ckpt["tracker_run_id"]
-    run.best_epoch = ckpt.get("best_epoch")
+    run.best_epoch, run.val_scores = ckpt.get("best_epoch"), ckpt.get("val_scores", [])
     saved_world = len(ckpt["rng"])
     if saved_world == procs.world:
         rng = ckpt["rng"][procs.rank]
@@ -298,11 +300,12 @@ def wrap_model(run):
     return torch.compile(model, dynamic=False) if run.compiled else model
 
 
-def start_tracking(run):
-    """The tracker the config names, continuing the checkpoint's tracker run when resuming (rank 0 only)."""
+def start_tracking(run, parent=None):
+    """The tracker the config names, continuing the checkpoint's tracker run when resuming (rank 0 only); under a
+    cross-validation's parent run."""
     if run.procs.master:
         os.makedirs(run.cfg["out_dir"], exist_ok=True)
-    tracker = make_tracker(run.cfg, run.tracker_run_id, run.procs.rank)
+    tracker = make_tracker(run.cfg, run.tracker_run_id, run.procs.rank, parent)
     if run.procs.master and run.tracker_run_id is None:
         tracker.log_params(run.cfg)
     return tracker
@@ -379,6 +382,7 @@ def validate(run, epoch):
     val = evaluate.validate(run.raw, ts.val_images, ts.val_split, procs.device, procs.precision)
     if not np.isfinite(val["scores"]).all():
         stop_diverged(run, epoch, -1, None, "a validation score")
+    run.val_scores.append(torch.from_numpy(val["scores"]))
     if val["eer"] < run.best_eer:
         run.best_eer, run.threshold, run.best_epoch = val["eer"], val["threshold"], epoch
     every = cfg["log_images_every"]
@@ -406,6 +410,7 @@ def save_checkpoints(run, epoch, stats):
              "optimizer": run.optimizer.state_dict(), "scheduler": run.schedule.state_dict(),
              "scaler": run.scaler.state_dict(), "epoch": epoch, "step": run.step, "rng": rngs,
              "best_eer": run.best_eer, "best_epoch": run.best_epoch, "threshold": run.threshold,
+             "val_scores": run.val_scores,
              "val": {k: v for k, v in stats.items() if k.startswith("val")}, "tracker_run_id": run.tracker.run_id}
     out_dir, improved = run.cfg["out_dir"], run.best_epoch == epoch
     save_training_state(state, out_dir, best=improved)
@@ -446,11 +451,11 @@ def log_validation_figures(tracker, raw, val, val_images, val_split, device, epo
 
 # ---------------------------------------------------------------- finish
 
-def out_of_time(run, epoch, budget, resume_line):
+def out_of_time(run, epoch, args, resume_line):
     """With a time budget: stop, checkpoint saved, before the next epoch would pass it (rank 0's clock decides)."""
-    procs = run.procs
+    procs, budget = run.procs, args.budget
     steady = run.epoch_times[1:] or run.epoch_times
-    stop = torch.tensor(float(budget is not None and time.perf_counter() - run.started + 1.1 * max(steady) > budget),
+    stop = torch.tensor(float(budget is not None and time.perf_counter() - args.started + 1.1 * max(steady) > budget),
                         device=procs.device)
     if procs.ddp:
         dist.broadcast(stop, 0)
@@ -489,29 +494,39 @@ def finish(run, stopped_early):
     check_ranks_agree(run.raw, run.procs)
     if run.tracker:
         run.tracker.finish()
-    procs, out_dir = run.procs, run.cfg["out_dir"]
-    if run.first_epoch >= run.cfg["epochs"]:
-        procs.log(f"all {run.cfg['epochs']} epochs were done already; to train longer, resume with --epochs N")
+    procs, cfg, out_dir = run.procs, run.cfg, run.cfg["out_dir"]
+    if run.first_epoch >= cfg["epochs"]:
+        procs.log(f"all {cfg['epochs']} epochs were done already in {out_dir}; to train longer, resume with --epochs N")
     best = (f"best epoch {run.best_epoch + 1}, validation EER {run.best_eer:.4f}, threshold {run.threshold:+.4f}"
-            if run.best_epoch is not None else "no validation (val_families: 0): give evaluate.py --threshold")
-    pair = cam.example_pair(run.cfg)
-    procs.log(f"{'stopped early' if stopped_early else 'done'}: {best}\n"
-              f"  {os.path.join(out_dir, 'best.pt')}: the best epoch\n  {os.path.join(out_dir, 'last.pt')}: the last "
+            if run.best_epoch is not None else f"the out-of-fold threshold {run.threshold:+.4f}" if run.threshold
+            is not None else "no validation (val_families: 0): give evaluate.py --threshold, or train with --folds K")
+    ended = "stopped early" if stopped_early else "done"
+    if cfg["folds"] and cfg["fold"] < cfg["folds"]:  # a fold: its cross-validation goes on
+        procs.log(f"fold {cfg['fold'] + 1} of {cfg['folds']} {ended}: {best}")
+        return
+    pair = cam.example_pair(cfg)
+    procs.log(f"{ended}: {best}\n" + (f"  {os.path.join(out_dir, 'best.pt')}: the best epoch\n" if run.best_epoch
+                                      is not None else "") + f"  {os.path.join(out_dir, 'last.pt')}: the last "
               f"epoch\nnext:\n  python evaluate.py --ckpt {out_dir} --out eval\n"
               + (f"  python cam.py {pair[0]} {pair[1]} --ckpt {out_dir}\n"
                  f"  python cam.py --pairs test --n 16 --ckpt {out_dir} --out cam_gallery"
                  if run.raw.has_maps else f"  python cam.py {pair[0]} {pair[1]} --ckpt {out_dir}   # the score alone"))
 
 
-def main(argv=None):
-    args, cfg, resume = configure(argv)
-    procs = start_processes(cfg)
+# ---------------------------------------------------------------- a run, start to end
+
+def train_run(args, cfg, resume, procs, argv=None, parent=None, threshold=None):
+    """One run from its config to its last epoch (or --check, --benchmark): set-up, then per epoch train, validate,
+    save. True when the time budget stopped it. threshold: a cross-validation's, for its final run."""
     train_set = load_train_set(cfg, procs, resume)
     run = start_run(cfg, train_set, procs, resume)
     step = functools.partial(train_step, run)
     if args.check or args.benchmark:
-        return bench.preflight(run, step, args.budget) if args.check else bench.benchmark(run, step, args.benchmark)
-    run.tracker = start_tracking(run)
+        bench.preflight(run, step, args.budget) if args.check else bench.benchmark(run, step, args.benchmark)
+        return False
+    if resume is None and threshold is not None:
+        run.threshold = threshold
+    run.tracker = start_tracking(run, parent)
     stopped_early = False
     try:
         for epoch in range(run.first_epoch, cfg["epochs"]):
@@ -521,7 +536,7 @@ def main(argv=None):
             save_checkpoints(run, epoch, stats)
             run.epoch_times.append(time.perf_counter() - started)
             log_epoch(run, epoch, stats)
-            if out_of_time(run, epoch, args.budget, resume_command(argv, procs)):
+            if out_of_time(run, epoch, args, resume_command(argv, procs)):
                 stopped_early = True
                 break
     except KeyboardInterrupt:
@@ -529,6 +544,18 @@ def main(argv=None):
         raise UserError(f"interrupted after epoch {saved}: " + (f"{cfg['out_dir']}/last.pt holds it" if saved else
                         "nothing was saved") + f"; continue with:\n  {resume_command(argv, procs)}") from None
     finish(run, stopped_early)
+    return stopped_early
+
+
+# ---------------------------------------------------------------- main
+
+def main(argv=None):
+    args, cfg, resume = configure(argv)
+    procs = start_processes(cfg)
+    if folds.cross_validation(cfg) and not (args.check or args.benchmark):
+        folds.cross_validate(args, cfg, procs, functools.partial(train_run, argv=argv))
+    else:  # --check and --benchmark of a cross-validation rehearse its final run, where every family trains
+        train_run(args, folds.run_of(cfg, cfg["folds"]) if folds.cross_validation(cfg) else cfg, resume, procs, argv)
 
 
 if __name__ == "__main__":

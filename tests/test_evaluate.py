@@ -189,7 +189,8 @@ def test_threshold_flag_and_a_run_without_validation(train_once, trained_run, tm
     tmp, _, printed = train_once(val_families=0, epochs=1)
     assert "give evaluate.py --threshold" in printed and not os.path.exists(f"{tmp}/run/best.pt")
     ev.main(["--ckpt", f"{tmp}/run", "--out", str(tmp_path / "none"), "--bootstrap", "20"])
-    assert "accuracy n/a (no validation (val_families: 0): give --threshold)" in capsys.readouterr().out
+    assert "accuracy n/a (no validation (val_families: 0): give --threshold, or train with --folds K" in \
+        capsys.readouterr().out
     assert "accuracy" not in json.load(open(tmp_path / "none" / "metrics.json"))
     ev.main(["--ckpt", f"{tmp}/run", "--out", str(tmp_path / "given"), "--bootstrap", "20", "--threshold", "0.9"])
     assert "at threshold 0.9000 (given by --threshold)" in capsys.readouterr().out
