@@ -62,34 +62,34 @@ def summary(fold_cfgs, tracker, log):
     the epoch count where it is lowest (the earliest of ties), and the EER threshold of that epoch's pooled scores."""
     cfg = fold_cfgs[0]
     split = data.load_split(cfg["train_info"], cfg["train_pairs"], cfg["path_remap"])
-    scores, kinds, fam_a, fam_b, n_families, per_fold = [], [], [], [], 0, []
+    scores, genuine, fam_a, fam_b, per_fold = [], [], [], [], []
     for fold, fold_cfg in enumerate(fold_cfgs):
         ckpt = read_training_checkpoint(os.path.join(fold_cfg["out_dir"], "last.pt"))
         _, val = data.validation_split(split, fold_cfg)
         _, _, kind, a, b = evaluate.protocol_pairs(val)
-        scores.append(ckpt["val_scores"])
-        kinds.append(kind)
-        fam_a.append(a + n_families)
-        fam_b.append(b + n_families)
-        n_families += len(val.families)
+        offset = sum(p["families"] for p in per_fold)  # family indices made unique across the folds
+        scores.append(np.stack([s.numpy() for s in ckpt["val_scores"]]))  # (epochs, pairs)
+        genuine.append(kind == evaluate.GENUINE)
+        fam_a.append(a + offset)
+        fam_b.append(b + offset)
         per_fold.append({"fold": fold, "families": len(val.families), "best_epoch": ckpt["best_epoch"] + 1,
                          "best_eer": ckpt["best_eer"]})
-    genuine, fam_a, fam_b = np.concatenate(kinds) == evaluate.GENUINE, np.concatenate(fam_a), np.concatenate(fam_b)
-    pooled = []
-    for epoch in range(min(len(s) for s in scores)):  # every fold's epochs (each fold has trained `epochs`)
-        epoch_scores = np.concatenate([s[epoch].numpy() for s in scores])
-        pooled.append(evaluate.eer_and_threshold(epoch_scores, genuine, fam_a, fam_b, n_families))
-        figures = {"oof_eer": pooled[-1]["eer"]}
-        figures.update(zip(("oof_eer_low", "oof_eer_high"), pooled[-1]["eer_interval"] or ()))
-        tracker.log_metrics(figures, epoch)
-    best = int(np.argmin([p["eer"] for p in pooled]))
-    for p in per_fold:
-        p["eer_at_chosen_epoch"] = evaluate.eer(*evaluate.roc(scores[p["fold"]][best].numpy(), kinds[p["fold"]] == evaluate.GENUINE)[:2])
-    chosen = {"folds": cfg["folds"], "per_fold": per_fold, "pooled_per_epoch": pooled, "epochs": best + 1,
-               "eer": pooled[best]["eer"], "eer_interval": pooled[best]["eer_interval"],
-               "threshold": pooled[best]["threshold"], "threshold_interval": pooled[best]["threshold_interval"]}
+    epochs = min(len(s) for s in scores)  # each fold has trained them all
+    pooled = np.concatenate([s[:epochs] for s in scores], axis=1)
+    n_families = sum(p["families"] for p in per_fold)
+    pairs = (np.concatenate(genuine), np.concatenate(fam_a), np.concatenate(fam_b), n_families)
+    # each epoch's interval from 200 family draws, the chosen epoch's from the 1,000 of evaluate.py's
+    per_epoch = [evaluate.eer_and_threshold(epoch_scores, *pairs, n_boot=200) for epoch_scores in pooled]
+    best = int(np.argmin([p["eer"] for p in per_epoch]))
+    for epoch, p in enumerate(per_epoch):
+        interval = dict(zip(("oof_eer_low", "oof_eer_high"), p["eer_interval"] or ()))
+        tracker.log_metrics({"oof_eer": p["eer"], **interval}, epoch)
+    for p, fold_scores, fold_genuine in zip(per_fold, scores, genuine):
+        p["eer_at_chosen_epoch"] = evaluate.eer(*evaluate.roc(fold_scores[best], fold_genuine)[:2])
+    chosen = {"folds": cfg["folds"], "per_fold": per_fold, "pooled_per_epoch": per_epoch, "epochs": best + 1,
+              **evaluate.eer_and_threshold(pooled[best], *pairs)}
     tracker.log_metrics({"chosen_epochs": best + 1, "oof_threshold": chosen["threshold"]}, best)
-    log(f"cross-validation, {cfg['folds']} folds, {len(genuine):,} out-of-fold pairs:\n"
+    log(f"cross-validation, {cfg['folds']} folds, {pooled.shape[1]:,} out-of-fold pairs:\n"
         + "".join(f"  fold {p['fold'] + 1}: {p['families']} families, EER {p['eer_at_chosen_epoch']:.4f} at epoch "
                   f"{best + 1} (its own best {p['best_eer']:.4f} at epoch {p['best_epoch']})\n" for p in per_fold)
         + f"  pooled: EER {chosen['eer']:.4f} {fmt_interval(chosen['eer_interval'])} at epoch {best + 1}, "
