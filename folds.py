@@ -44,8 +44,12 @@ def cross_validate(args, cfg, procs, train_run):
         with hold_out_dir(fold_cfg["out_dir"]) if procs.master else contextlib.nullcontext():
             if train_run(args, fold_cfg, resume_in(fold_cfg, args.resume, procs.log), procs, parent=parent):
                 return  # stopped by the time budget: the same line with --resume auto continues
-    chosen = [None]
-    if procs.master:
+    # a resumed final run reuses the summary of the same epochs; folds trained longer (--epochs) are pooled anew
+    chosen = [saved if len(saved.get("pooled_per_epoch", ())) == cfg["epochs"] else None]
+    if chosen[0] is not None:
+        procs.log(f"{summary_path}: the folds chose {saved['epochs']} epochs and the threshold "
+                  f"{saved['threshold']:+.4f}")
+    elif procs.master:
         chosen = [summary([run_of(cfg, fold) for fold in range(cfg["folds"])], parent, procs.log)]
         data.write_json({"tracker_run_id": parent.run_id, **chosen[0]}, summary_path)
     if procs.ddp:

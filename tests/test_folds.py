@@ -72,6 +72,8 @@ def test_a_cross_validation_stopped_by_its_budget_continues_and_its_final_run_ke
     final = read_training_checkpoint(os.path.join(run_dir, "final", "last.pt"))
     assert final["threshold"] == thresholds[best] and final["epoch"] == best and final["class_ids"] == split.ids
     assert not os.path.exists(os.path.join(run_dir, "final", "best.pt"))
+    again = run_py(["train.py", "--cfg", cfg, "--resume", "auto"]).stdout  # every run done: the summary is reused
+    assert "folds.json: the folds chose" in again and "cross-validation, 3 folds" not in again
     evaluated = run_py(["evaluate.py", "--ckpt", f"{run_dir}/final", "--out", str(tmp_path / "eval"),
                         "--bootstrap", "20"]).stdout
     assert f"at threshold {thresholds[best]:.4f} (the out-of-fold EER's of its cross-validation" in evaluated
